@@ -1,0 +1,46 @@
+// swift-tools-version: 6.1
+import PackageDescription
+
+let strictSwift6: [SwiftSetting] = [
+    .swiftLanguageMode(.v6),
+    .enableUpcomingFeature("ExistentialAny"),
+]
+
+let package = Package(
+    name: "Corral",
+    platforms: [.macOS(.v15), .iOS(.v18), .tvOS(.v18), .watchOS(.v11), .visionOS(.v2)],
+    products: [
+        .library(name: "Corral", targets: ["Corral"]),
+        .library(name: "CorralTesting", targets: ["CorralTesting"]),
+        .executable(name: "corral-demo", targets: ["corral-demo"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-collections.git", from: "1.1.0"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.5.0"),
+    ],
+    targets: [
+        .target(
+            name: "Corral",
+            dependencies: [.product(name: "DequeModule", package: "swift-collections")],
+            swiftSettings: strictSwift6
+        ),
+        .target(
+            name: "CorralTesting",
+            dependencies: ["Corral"],
+            swiftSettings: strictSwift6
+        ),
+        .executableTarget(
+            name: "corral-demo",
+            dependencies: [
+                "Corral",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            swiftSettings: strictSwift6
+        ),
+        .testTarget(
+            name: "CorralTests",
+            dependencies: ["Corral", "CorralTesting"],
+            swiftSettings: strictSwift6
+        ),
+    ]
+)

@@ -1,0 +1,127 @@
+/// The state of a ``RateLimiter``: a token bucket kept as a theoretical arrival time
+/// (GCRA), a *head* waiter that sleeps on the clock, and the line behind it.
+///
+/// The bucket: each token costs `interval / rate` of time. `tat` is the instant at which
+/// the bucket would be full again given every token taken so far (`nil` or in the past:
+/// full). Taking `n` tokens moves `tat` to `max(tat, now) + n × cost`, which is allowed when
+/// it lands no further than `burst × cost` ahead of `now`. Exact `Duration` arithmetic, no
+/// floating point, no refill ticker.
+///
+/// The waiters, strictly FIFO: at most one *head* sleeps on the clock until its tokens are
+/// due; everyone else waits in `line` without a timer. When the head takes its tokens, is
+/// cancelled, or times out, it hands the head role to the first in line.
+///
+/// | event                 | condition                                  | effect |
+/// |-----------------------|--------------------------------------------|--------|
+/// | `waitRequested(n)`    | `n > burst`                                | `.exceedsBurst` |
+/// |                       | no head, line empty, tokens available      | take them, `.acquired` |
+/// |                       | no head, line empty, tokens not available  | become head, `.sleep(until:)` |
+/// |                       | otherwise                                  | join the line, `.suspend(id)` |
+/// | `waiterSuspended`     | promoted or cancelled meanwhile            | resume at once |
+/// | `waiterCancelled(id)` | in line                                    | leave it (`.cancelled`) |
+/// |                       | already promoted                           | nothing: it finds out as head |
+/// | `headWoke(n)`         | tokens available                           | take them, hand off, `.acquired` |
+/// |                       | otherwise (clock drift)                    | `.sleep(until:)` again |
+/// | `headGaveUp`          | —                                          | hand off |
+///
+/// *Hand off*: the first in line (if any) is promoted to head (`.promoted`); otherwise there
+/// is no head.
+struct RateLimiterStateMachine<Instant: InstantProtocol> where Instant.Duration == Duration {
+    enum Outcome: Sendable {
+        case promoted
+        case cancelled
+    }
+
+    enum WaitAction {
+        case acquired
+        case sleep(until: Instant)
+        case suspend(WaiterID)
+        case exceedsBurst
+    }
+
+    enum HeadAction {
+        case acquired(Resumption<Outcome>?)
+        case sleep(until: Instant)
+    }
+
+    let tokenCost: Duration
+    let burst: Int
+    private let tolerance: Duration
+    private var tat: Instant?
+    private(set) var hasHead = false
+    private(set) var line = WaiterQueue<Int, Outcome>()
+
+    init(tokenCost: Duration, burst: Int) {
+        self.tokenCost = tokenCost
+        self.burst = burst
+        self.tolerance = tokenCost * burst
+    }
+
+    /// Waiters right now: the head plus the line.
+    var waiters: Int { line.count + (hasHead ? 1 : 0) }
+
+    mutating func waitRequested(_ tokens: Int, now: Instant) -> WaitAction {
+        if hasHead || !line.isEmpty {
+            return tokens > burst ? .exceedsBurst : .suspend(line.enqueue(tokens))
+        }
+        if tokens > burst { return .exceedsBurst }
+        switch take(tokens, now: now) {
+        case nil:
+            return .acquired
+        case let readyAt?:
+            hasHead = true
+            return .sleep(until: readyAt)
+        }
+    }
+
+    mutating func tryAcquire(_ tokens: Int, now: Instant) -> Bool {
+        guard !hasHead && line.isEmpty && tokens <= burst else { return false }
+        return take(tokens, now: now) == nil
+    }
+
+    mutating func waiterSuspended(_ id: WaiterID, _ continuation: UnsafeContinuation<Outcome, Never>) -> Resumption<Outcome>? {
+        line.suspend(id, continuation: continuation)
+    }
+
+    mutating func waiterCancelled(_ id: WaiterID) -> Resumptions<Outcome> {
+        var resumptions = Resumptions<Outcome>()
+        resumptions.append(line.settle(id, with: .cancelled)?.resumption)
+        return resumptions
+    }
+
+    /// The head woke up (or was just promoted): take its tokens if they are due.
+    mutating func headWoke(_ tokens: Int, now: Instant) -> HeadAction {
+        precondition(hasHead, "RateLimiter: headWoke without a head")
+        if let readyAt = take(tokens, now: now) {
+            return .sleep(until: readyAt)
+        }
+        return .acquired(handOff())
+    }
+
+    /// The head stops waiting (cancelled or timed out) without taking tokens.
+    mutating func headGaveUp() -> Resumption<Outcome>? {
+        precondition(hasHead, "RateLimiter: headGaveUp without a head")
+        return handOff()
+    }
+
+    private mutating func handOff() -> Resumption<Outcome>? {
+        guard let next = line.settleFirst(with: .promoted) else {
+            hasHead = false
+            return nil
+        }
+        return next.resumption  // nil if it had not suspended yet: it sees `.promoted` then
+    }
+
+    /// Takes `tokens` if the bucket holds them at `now` (returns `nil`), or returns the
+    /// instant at which it will (taking nothing).
+    private mutating func take(_ tokens: Int, now: Instant) -> Instant? {
+        let base: Instant
+        if let tat, now < tat { base = tat } else { base = now }
+        let newTat = base.advanced(by: tokenCost * tokens)
+        if now.duration(to: newTat) <= tolerance {
+            tat = newTat
+            return nil
+        }
+        return newTat.advanced(by: .zero - tolerance)
+    }
+}
