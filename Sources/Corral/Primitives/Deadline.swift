@@ -66,6 +66,7 @@ public struct TimeoutError: Error, Hashable, Sendable, CustomStringConvertible {
 /// - Throws: ``TimeoutError`` when the deadline passes and `body` then throws (typically the
 ///   `CancellationError` the deadline caused); `CancellationError` when the calling task is
 ///   cancelled; otherwise whatever `body` throws.
+@discardableResult
 nonisolated(nonsending)
 public func withTimeout<Success: Sendable>(
     _ timeout: Duration,
@@ -103,6 +104,7 @@ public func withTimeout<Success: Sendable>(
 /// - Throws: ``TimeoutError`` when the deadline passes and `body` then throws;
 ///   `CancellationError` when the calling task is cancelled (`body` is cancelled with it);
 ///   otherwise whatever `body` throws.
+@discardableResult
 nonisolated(nonsending)
 public func withDeadline<Success: Sendable>(
     _ deadline: ContinuousClock.Instant,
