@@ -24,7 +24,7 @@ import Musl
 /// continuation, call user code or cancel a task while holding the lock — return an
 /// action from `withLock` and perform it afterwards.
 @usableFromInline
-struct LockedState<State>: @unchecked Sendable {
+package struct LockedState<State>: @unchecked Sendable {
     // @unchecked Sendable: `State` is only reached through `withLock`, which holds the
     // platform lock stored in the same buffer for the whole access.
     @usableFromInline
@@ -41,7 +41,7 @@ struct LockedState<State>: @unchecked Sendable {
     @usableFromInline let buffer: ManagedBuffer<State, PlatformLock>
 
     @inlinable
-    init(_ initial: State) {
+    package init(_ initial: State) {
         buffer = Buffer.create(minimumCapacity: 1) { buffer in
             buffer.withUnsafeMutablePointerToElements { lock in
                 #if canImport(Darwin)
@@ -59,7 +59,7 @@ struct LockedState<State>: @unchecked Sendable {
     /// Runs `body` with exclusive access to the state.
     @inlinable
     @inline(__always)
-    func withLock<Result, Failure: Error>(
+    package func withLock<Result, Failure: Error>(
         _ body: (inout State) throws(Failure) -> Result
     ) throws(Failure) -> Result {
         try buffer.withUnsafeMutablePointers { (state, lock) throws(Failure) -> Result in
