@@ -1,0 +1,59 @@
+import Corral
+import CorralTesting
+import Testing
+
+/// Bad input stops the program with a message naming the argument (DESIGN.md contract 5):
+/// never a hang, never a silent clamp.
+@Suite("Preconditions")
+struct PreconditionTests {
+    @Test func semaphoreWithoutPermits() async {
+        await #expect(processExitsWith: .failure) { _ = AsyncSemaphore(permits: 0) }
+    }
+
+    @Test func semaphoreAcquireOfZero() async {
+        await #expect(processExitsWith: .failure) {
+            try? await AsyncSemaphore(permits: 1).acquire(0)
+        }
+    }
+
+    @Test func semaphoreReleasingMoreThanAcquired() async {
+        await #expect(processExitsWith: .failure) {
+            let semaphore = AsyncSemaphore(permits: 2)
+            semaphore.release(1)
+        }
+    }
+
+    @Test func semaphoreReleasingMoreThanAcquired_whileOthersWait() async {
+        await #expect(processExitsWith: .failure) {
+            let semaphore = AsyncSemaphore(permits: 2)
+            try? await semaphore.acquire(1)
+            semaphore.release(2)
+        }
+    }
+
+    @Test func channelWithNegativeCapacity() async {
+        await #expect(processExitsWith: .failure) { _ = BoundedChannel<Int>(capacity: -1) }
+    }
+
+    @Test func rateLimiterWithoutRate() async {
+        await #expect(processExitsWith: .failure) { _ = RateLimiter(rate: 0, per: .seconds(1), burst: 1) }
+    }
+
+    @Test func rateLimiterWithoutInterval() async {
+        await #expect(processExitsWith: .failure) { _ = RateLimiter(rate: 1, per: .zero, burst: 1) }
+    }
+
+    @Test func rateLimiterWithoutBurst() async {
+        await #expect(processExitsWith: .failure) { _ = RateLimiter(rate: 1, per: .seconds(1), burst: 0) }
+    }
+
+    @Test func rateLimiterWaitForZeroTokens() async {
+        await #expect(processExitsWith: .failure) {
+            try? await RateLimiter(rate: 1, per: .seconds(1), burst: 1).wait(0)
+        }
+    }
+
+    @Test func manualClockGoingBackwards() async {
+        await #expect(processExitsWith: .failure) { ManualClock().advance(by: .seconds(-1)) }
+    }
+}
