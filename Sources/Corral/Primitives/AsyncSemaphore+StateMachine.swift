@@ -34,7 +34,9 @@ struct SemaphoreStateMachine {
     }
 
     let capacity: Int
-    private(set) var available: Int
+    /// Authoritative while waiters exist; `AsyncSemaphore` keeps it in step with its
+    /// lock-free fast path otherwise.
+    var available: Int
     private(set) var waiters = WaiterQueue<Int, Outcome>()
 
     init(capacity: Int) {

@@ -95,9 +95,16 @@ struct PrimitiveStressTests {
                 for _ in 0..<Int.random(in: 0...30, using: &generator) { await Task.yield() }
                 channel.close()  // close while sends are in flight
             }
+            // If every consumer was cancelled, producers parked on a full buffer would wait
+            // forever: close the channel once the last consumer is gone (their elements come
+            // back in ChannelError).
+            let consumersGone = Task {
+                for consumer in consumers { _ = await consumer.result }
+                channel.close()
+            }
             for producer in producers { _ = await producer.result }
             channel.close()
-            for consumer in consumers { _ = await consumer.result }
+            await consumersGone.value
             while case .element(let element) = channel.tryReceive() { received.append(element) }
 
             let sentOnce = accepted.elements.sorted()
