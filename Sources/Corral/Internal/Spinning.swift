@@ -7,11 +7,12 @@ import Musl
 #endif
 
 /// How long Corral polls before it suspends a task, where that is worth it.
+@usableFromInline
 enum Spinning {
     /// Polls of the fast path before suspending: about a few hundred nanoseconds, less than
     /// the cost of one suspension and resumption.
-    static let attempts = 100
+    @usableFromInline static let attempts = 100
 
     /// Spinning helps only if another processor can release what we wait for meanwhile.
-    static let isUseful: Bool = sysconf(Int32(_SC_NPROCESSORS_ONLN)) > 1
+    @usableFromInline static let isUseful: Bool = sysconf(Int32(_SC_NPROCESSORS_ONLN)) > 1
 }
