@@ -13,24 +13,29 @@ import Musl
 /// observes the cancellation `fire()` causes also observes `expired == true`.
 @usableFromInline
 class DeadlineScope: @unchecked Sendable {
-    // @unchecked Sendable: `deadline` is immutable; `heapIndex` and `expiredFlag` (and
-    // any state a subclass adds) are guarded by `DeadlineTimer.shared`'s mutex.
+    // @unchecked Sendable: `deadline` is immutable; `heapIndex`, `expiredFlag` and
+    // `isFiring` are guarded by `DeadlineTimer.shared`'s mutex.
     @usableFromInline let deadline: ContinuousClock.Instant
     /// Guarded by the timer's lock.
     var heapIndex = -1
     /// Guarded by the timer's lock: set when the deadline passed.
     var expiredFlag = false
+    /// Guarded by the timer's lock: `fire()` is running (the scope is out of the heap).
+    var isFiring = false
 
+    @usableFromInline
     init(deadline: ContinuousClock.Instant) {
         self.deadline = deadline
     }
 
     /// Whether this scope's deadline has passed and the timer fired it.
+    @usableFromInline
     var isExpired: Bool {
         DeadlineTimer.shared.withLock { expiredFlag }
     }
 
     /// Called by the timer thread, without any lock held, once the deadline has passed.
+    @usableFromInline
     func fire() {}
 }
 
@@ -43,11 +48,12 @@ class DeadlineScope: @unchecked Sendable {
 ///
 /// It has its own `pthread_mutex_t` (not a ``LockedState``) because it waits on a
 /// condition variable with it, which `os_unfair_lock` cannot do.
+@usableFromInline
 final class DeadlineTimer: @unchecked Sendable {
     // @unchecked Sendable: `mutex` and `condition` are allocated once and never freed;
     // `heap`, `sleepingUntil`, `threadStarted` (and every `DeadlineScope`'s `heapIndex`
     // and `expiredFlag`) are read and written only with `mutex` held.
-    static let shared = DeadlineTimer()
+    @usableFromInline static let shared = DeadlineTimer()
 
     private let mutex: UnsafeMutablePointer<pthread_mutex_t>
     private let condition: UnsafeMutablePointer<pthread_cond_t>
@@ -82,6 +88,7 @@ final class DeadlineTimer: @unchecked Sendable {
 
     /// Arms `scope`; its `fire()` is called once its deadline has passed, unless it is
     /// disarmed first.
+    @usableFromInline
     func arm(_ scope: DeadlineScope) {
         let mustSignal: Bool = withLock {
             if !threadStarted {
@@ -100,13 +107,22 @@ final class DeadlineTimer: @unchecked Sendable {
         }
     }
 
-    /// Disarms `scope` if it has not fired. The timer thread is not woken: at worst it
-    /// wakes at the old earliest deadline, finds nothing due and sleeps again.
+    /// Disarms `scope`. When this returns, `scope.fire()` has either run to completion or
+    /// will never run: whatever `fire()` touches may be released.
+    ///
+    /// The timer thread is not woken: at worst it wakes at the old earliest deadline, finds
+    /// nothing due and sleeps again.
+    @usableFromInline
     func disarm(_ scope: DeadlineScope) {
-        withLock {
-            if scope.heapIndex >= 0 {
-                remove(at: scope.heapIndex)
+        while true {
+            let firing: Bool = withLock {
+                if scope.heapIndex >= 0 {
+                    remove(at: scope.heapIndex)
+                }
+                return scope.isFiring
             }
+            guard firing else { return }
+            sched_yield()  // rare: the deadline passed just as the scope ended
         }
     }
 
@@ -143,13 +159,15 @@ final class DeadlineTimer: @unchecked Sendable {
             while let first = heap.first, first.deadline <= now {
                 remove(at: 0)
                 first.expiredFlag = true
+                first.isFiring = true
                 due.append(first)
             }
             if !due.isEmpty {
                 pthread_mutex_unlock(mutex)
                 for scope in due { scope.fire() }
-                due.removeAll(keepingCapacity: true)
                 pthread_mutex_lock(mutex)
+                for scope in due { scope.isFiring = false }
+                due.removeAll(keepingCapacity: true)
                 continue
             }
             if let first = heap.first {

@@ -1,3 +1,5 @@
+import Synchronization
+
 /// The deadline that the current task runs under, set by ``withDeadline(_:_:)``
 /// and ``withTimeout(_:_:)``.
 ///
@@ -67,6 +69,7 @@ public struct TimeoutError: Error, Hashable, Sendable, CustomStringConvertible {
 ///   `CancellationError` the deadline caused); `CancellationError` when the calling task is
 ///   cancelled; otherwise whatever `body` throws.
 @discardableResult
+@inlinable
 nonisolated(nonsending)
 public func withTimeout<Success: Sendable>(
     _ timeout: Duration,
@@ -105,6 +108,7 @@ public func withTimeout<Success: Sendable>(
 ///   `CancellationError` when the calling task is cancelled (`body` is cancelled with it);
 ///   otherwise whatever `body` throws.
 @discardableResult
+@inlinable
 nonisolated(nonsending)
 public func withDeadline<Success: Sendable>(
     _ deadline: ContinuousClock.Instant,
@@ -127,37 +131,55 @@ public func withDeadline<Success: Sendable>(
     if Task.isCancelled {
         // Run the body in this (cancelled) task so it observes the cancellation from its
         // first instruction; no timer is needed.
-        return try await DeadlineContext.$scope.withValue(DeadlineScope(deadline: deadline)) {
+        return try await DeadlineContext.current.withValue(DeadlineScope(deadline: deadline)) {
             try await body()
         }
     }
 
-    let scope = TaskDeadlineScope<Success>(deadline: deadline)
-    DeadlineTimer.shared.arm(scope)
-    defer { DeadlineTimer.shared.disarm(scope) }
-    // The body starts synchronously, right here, and runs until it first suspends. A
-    // cancellation of the caller from now on reaches it through the handler below (one
-    // that arrived before `attach` is applied by `attach`).
+    let scope = TaskDeadlineScope(deadline: deadline)
+    // The body starts synchronously, right here, in a task of its own. That task arms the
+    // deadline before running the body, so that even a body that never suspends is
+    // cancelled when the deadline passes (it sees `Task.isCancelled`).
     let task = Task.immediate {
-        try await DeadlineContext.$scope.withValue(scope) { try await body() }
+        withUnsafeCurrentTask { scope.task = $0 }
+        DeadlineTimer.shared.arm(scope)
+        defer { scope.bodyReturned() }
+        return try await DeadlineContext.current.withValue(scope) { try await body() }
     }
-    scope.attach(task)
+    defer { DeadlineTimer.shared.disarm(scope) }
+    if scope.hasBodyReturned {
+        // Finished without suspending: nothing can cancel it any more, so no need to
+        // forward the caller's cancellation.
+        return try await outcome(of: task, under: scope)
+    }
     return try await withTaskCancellationHandler {
-        do {
-            return try await task.value
-        } catch {
-            if scope.isExpired { throw TimeoutError(deadline: deadline) }
-            throw error
-        }
+        try await outcome(of: task, under: scope)
     } onCancel: {
-        scope.cancel()
+        task.cancel()
+    }
+}
+
+/// The body's result, or ``TimeoutError`` if it failed after the deadline passed.
+@inlinable
+nonisolated(nonsending)
+func outcome<Success: Sendable>(of task: Task<Success, any Error>, under scope: DeadlineScope) async throws -> Success {
+    do {
+        return try await task.value
+    } catch {
+        if scope.isExpired { throw TimeoutError(deadline: scope.deadline) }
+        throw error
     }
 }
 
 /// Where the current task's tightest deadline lives.
 @usableFromInline
 enum DeadlineContext {
-    @TaskLocal static var scope: DeadlineScope?
+    /// The innermost scope, as a task-local value (spelled without the property wrapper
+    /// so that inlinable code can bind it).
+    @usableFromInline static let current = TaskLocal<DeadlineScope?>(wrappedValue: nil)
+
+    /// The innermost scope of the current task, if any.
+    @usableFromInline static var scope: DeadlineScope? { current.get() }
 
     /// The error a Corral wait throws when its task is cancelled: ``TimeoutError`` if the
     /// enclosing deadline has passed, `CancellationError` otherwise.
@@ -174,32 +196,32 @@ enum DeadlineContext {
 }
 
 /// A deadline that cancels the task running a ``withDeadline(_:_:)`` body.
-final class TaskDeadlineScope<Success: Sendable>: DeadlineScope, @unchecked Sendable {
-    // @unchecked Sendable: `task` and `cancelRequested` are guarded by the deadline timer's
-    // mutex (`DeadlineTimer.shared.withLock`), like the superclass's state.
-    private var task: Task<Success, any Error>?
-    private var cancelRequested = false
+@usableFromInline
+final class TaskDeadlineScope: DeadlineScope, @unchecked Sendable {
+    // @unchecked Sendable: `task` is written once, by the body's task itself, before the
+    // scope is armed (`DeadlineTimer.arm` takes the timer's mutex, which the timer thread
+    // holds when it reads it), and only read afterwards; `returned` is atomic.
+    //
+    // Keeping the `UnsafeCurrentTask` past `withUnsafeCurrentTask` is sound here: the task
+    // object stays alive as long as `withDeadline` holds its `Task` handle, and
+    // `withDeadline` disarms the scope before it lets go of the handle — `disarm` returns
+    // only once any `fire()` in progress has finished.
+    @usableFromInline var task: UnsafeCurrentTask?
+    @usableFromInline let returned = Atomic<Bool>(false)
 
-    /// Records the task running the body; cancels it at once if the deadline passed (or the
-    /// caller was cancelled) before the task existed.
-    func attach(_ task: Task<Success, any Error>) {
-        let cancelNow = DeadlineTimer.shared.withLock {
-            self.task = task
-            return cancelRequested
-        }
-        if cancelNow { task.cancel() }
+    /// Called by the body's task when the body has returned or thrown.
+    @usableFromInline
+    func bodyReturned() {
+        returned.store(true, ordering: .releasing)
     }
 
-    /// Cancels the body's task, now or as soon as it is attached.
-    func cancel() {
-        let task = DeadlineTimer.shared.withLock {
-            cancelRequested = true
-            return self.task
-        }
-        task?.cancel()
+    /// Whether the body has returned or thrown.
+    @usableFromInline
+    var hasBodyReturned: Bool {
+        returned.load(ordering: .acquiring)
     }
 
     override func fire() {
-        cancel()
+        task?.cancel()
     }
 }

@@ -138,6 +138,21 @@ struct DeadlineTests {
         #expect(value == "finished late")
     }
 
+    @Test func bodyThatNeverSuspends_butChecksCancellation_isStoppedByTheDeadline() async throws {
+        let iterations = Log<Int>()
+        await #expect(throws: TimeoutError.self) {
+            try await withTimeout(.milliseconds(10)) {
+                var count = 0
+                defer { iterations.append(count) }
+                while true {
+                    try Task.checkCancellation()  // no await anywhere in this loop
+                    count += 1
+                }
+            }
+        }
+        #expect(iterations.count == 1)
+    }
+
     @Test func corralWaits_throwTimeoutError_whenTheDeadlinePasses() async throws {
         let semaphore = AsyncSemaphore(permits: 1)
         try await semaphore.acquire()
