@@ -5,14 +5,14 @@ import PackageDescription
 // dependencies never reach a user's dependency graph.
 //
 //   swift run -c release corral-workloads all          # WORKLOADS.md lines, vs ../shared/bench/go-reference
-//   swift package benchmark                           # package-benchmark suites (wall clock, mallocs)
+//   swift package --disable-sandbox benchmark         # package-benchmark suites (wall clock, mallocs)
 let package = Package(
     name: "CorralBenchmarks",
     platforms: [.macOS(.v15)],
     dependencies: [
         .package(name: "Corral", path: "../"),
         .package(
-            url: "https://github.com/ordo-one/package-benchmark.git",
+            url: "https://github.com/ordo-one/benchmark.git",
             from: "1.27.0",
             traits: ["MallocInterposer"]
         ),
@@ -27,11 +27,11 @@ let package = Package(
             name: "CorralBenchmarks",
             dependencies: [
                 .product(name: "Corral", package: "Corral"),
-                .product(name: "Benchmark", package: "package-benchmark"),
+                .product(name: "Benchmark", package: "benchmark"),
             ],
             path: "Benchmarks/CorralBenchmarks",
             swiftSettings: [.swiftLanguageMode(.v6)],
-            plugins: [.plugin(name: "BenchmarkPlugin", package: "package-benchmark")]
+            plugins: [.plugin(name: "BenchmarkPlugin", package: "benchmark")]
         ),
     ]
 )
