@@ -195,6 +195,17 @@ struct WaiterQueue<Payload, Outcome: Sendable> {
         return settle(slot: id.slot, with: outcome)
     }
 
+    /// Cancels waiter `id`: removes it from the line with `outcome` if it is still there.
+    ///
+    /// - Returns: the resumption to perform (empty if the waiter had not suspended yet, or
+    ///   had already been served: a cancellation that lost the race).
+    @inlinable
+    mutating func cancel(_ id: WaiterID, with outcome: Outcome) -> Resumptions<Outcome> {
+        var resumptions = Resumptions<Outcome>()
+        resumptions.append(settle(id, with: outcome)?.resumption)
+        return resumptions
+    }
+
     /// Settles every waiter in line with `outcome`, first to last, returning each payload
     /// with its resumption.
     @inlinable

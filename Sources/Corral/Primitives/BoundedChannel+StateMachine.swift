@@ -119,9 +119,7 @@ struct ChannelStateMachine<Element: Sendable> {
 
     @inlinable
     mutating func senderCancelled(_ id: WaiterID) -> Resumptions<SendOutcome> {
-        var resumptions = Resumptions<SendOutcome>()
-        resumptions.append(senders.settle(id, with: .cancelled)?.resumption)
-        return resumptions
+        senders.cancel(id, with: .cancelled)
     }
 
     // MARK: Receive
@@ -156,9 +154,7 @@ struct ChannelStateMachine<Element: Sendable> {
 
     @inlinable
     mutating func receiverCancelled(_ id: WaiterID) -> Resumptions<ReceiveOutcome> {
-        var resumptions = Resumptions<ReceiveOutcome>()
-        resumptions.append(receivers.settle(id, with: .cancelled)?.resumption)
-        return resumptions
+        receivers.cancel(id, with: .cancelled)
     }
 
     // MARK: Close

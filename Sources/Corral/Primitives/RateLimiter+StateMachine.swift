@@ -26,12 +26,15 @@
 ///
 /// *Hand off*: the first in line (if any) is promoted to head (`.promoted`); otherwise there
 /// is no head.
+@usableFromInline
 struct RateLimiterStateMachine<Instant: InstantProtocol> where Instant.Duration == Duration {
+    @usableFromInline
     enum Outcome: Sendable {
         case promoted
         case cancelled
     }
 
+    @usableFromInline
     enum WaitAction {
         case acquired
         case sleep(until: Instant)
@@ -39,18 +42,20 @@ struct RateLimiterStateMachine<Instant: InstantProtocol> where Instant.Duration 
         case exceedsBurst
     }
 
+    @usableFromInline
     enum HeadAction {
         case acquired(Resumption<Outcome>?)
         case sleep(until: Instant)
     }
 
-    let tokenCost: Duration
-    let burst: Int
-    private let tolerance: Duration
-    private var tat: Instant?
-    private(set) var hasHead = false
-    private(set) var line = WaiterQueue<Int, Outcome>()
+    @usableFromInline let tokenCost: Duration
+    @usableFromInline let burst: Int
+    @usableFromInline let tolerance: Duration
+    @usableFromInline var tat: Instant?
+    @usableFromInline var hasHead = false
+    @usableFromInline var line = WaiterQueue<Int, Outcome>()
 
+    @inlinable
     init(tokenCost: Duration, burst: Int) {
         self.tokenCost = tokenCost
         self.burst = burst
@@ -58,8 +63,10 @@ struct RateLimiterStateMachine<Instant: InstantProtocol> where Instant.Duration 
     }
 
     /// Waiters right now: the head plus the line.
+    @inlinable
     var waiters: Int { line.count + (hasHead ? 1 : 0) }
 
+    @inlinable
     mutating func waitRequested(_ tokens: Int, now: Instant) -> WaitAction {
         if hasHead || !line.isEmpty {
             return tokens > burst ? .exceedsBurst : .suspend(line.enqueue(tokens))
@@ -74,22 +81,24 @@ struct RateLimiterStateMachine<Instant: InstantProtocol> where Instant.Duration 
         }
     }
 
+    @inlinable
     mutating func tryAcquire(_ tokens: Int, now: Instant) -> Bool {
         guard !hasHead && line.isEmpty && tokens <= burst else { return false }
         return take(tokens, now: now) == nil
     }
 
+    @inlinable
     mutating func waiterSuspended(_ id: WaiterID, _ continuation: UnsafeContinuation<Outcome, Never>) -> Resumption<Outcome>? {
         line.suspend(id, continuation: continuation)
     }
 
+    @inlinable
     mutating func waiterCancelled(_ id: WaiterID) -> Resumptions<Outcome> {
-        var resumptions = Resumptions<Outcome>()
-        resumptions.append(line.settle(id, with: .cancelled)?.resumption)
-        return resumptions
+        line.cancel(id, with: .cancelled)
     }
 
     /// The head woke up (or was just promoted): take its tokens if they are due.
+    @inlinable
     mutating func headWoke(_ tokens: Int, now: Instant) -> HeadAction {
         precondition(hasHead, "RateLimiter: headWoke without a head")
         if let readyAt = take(tokens, now: now) {
@@ -99,12 +108,14 @@ struct RateLimiterStateMachine<Instant: InstantProtocol> where Instant.Duration 
     }
 
     /// The head stops waiting (cancelled or timed out) without taking tokens.
+    @inlinable
     mutating func headGaveUp() -> Resumption<Outcome>? {
         precondition(hasHead, "RateLimiter: headGaveUp without a head")
         return handOff()
     }
 
-    private mutating func handOff() -> Resumption<Outcome>? {
+    @inlinable
+    mutating func handOff() -> Resumption<Outcome>? {
         guard let next = line.settleFirst(with: .promoted) else {
             hasHead = false
             return nil
@@ -114,7 +125,8 @@ struct RateLimiterStateMachine<Instant: InstantProtocol> where Instant.Duration 
 
     /// Takes `tokens` if the bucket holds them at `now` (returns `nil`), or returns the
     /// instant at which it will (taking nothing).
-    private mutating func take(_ tokens: Int, now: Instant) -> Instant? {
+    @inlinable
+    mutating func take(_ tokens: Int, now: Instant) -> Instant? {
         let base: Instant
         if let tat, now < tat { base = tat } else { base = now }
         let newTat = base.advanced(by: tokenCost * tokens)

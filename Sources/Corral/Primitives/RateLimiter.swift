@@ -29,7 +29,7 @@ public final class RateLimiter<C: Clock>: Sendable where C.Duration == Duration 
     public let burst: Int
     /// The clock that paces the limiter.
     public let clock: C
-    private let state: LockedState<RateLimiterStateMachine<C.Instant>>
+    @usableFromInline let state: LockedState<RateLimiterStateMachine<C.Instant>>
 
     /// Creates a limiter that allows `rate` tokens per `interval`, in bursts of up to `burst`.
     ///
@@ -58,6 +58,7 @@ public final class RateLimiter<C: Clock>: Sendable where C.Duration == Duration 
     /// - Throws: ``CapacityError`` at once when `tokens > burst` (it could never be granted);
     ///   `CancellationError` when the task is cancelled while it waits, or ``TimeoutError``
     ///   when an enclosing deadline passes — in both cases no token was taken.
+    @inlinable
     nonisolated(nonsending)
     public func wait(_ tokens: Int = 1) async throws {
         precondition(tokens > 0, "RateLimiter.wait(_:): tokens must be greater than 0, got \(tokens)")
@@ -93,7 +94,8 @@ public final class RateLimiter<C: Clock>: Sendable where C.Duration == Duration 
     }
 
     /// As the head: takes the tokens if due (returns `nil`), or returns when to try again.
-    private func headWoke(_ tokens: Int) -> C.Instant? {
+    @inlinable
+    func headWoke(_ tokens: Int) -> C.Instant? {
         switch state.withLock({ $0.headWoke(tokens, now: clock.now) }) {
         case .acquired(let next):
             next?.resume()
@@ -106,6 +108,7 @@ public final class RateLimiter<C: Clock>: Sendable where C.Duration == Duration 
     /// Takes `tokens` tokens only if they are available now and nobody is waiting.
     ///
     /// - Returns: `true` if the tokens were taken.
+    @inlinable
     public func tryAcquire(_ tokens: Int = 1) -> Bool {
         precondition(tokens > 0, "RateLimiter.tryAcquire(_:): tokens must be greater than 0, got \(tokens)")
         return state.withLock { $0.tryAcquire(tokens, now: clock.now) }
