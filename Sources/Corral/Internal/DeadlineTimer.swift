@@ -6,7 +6,7 @@ import Glibc
 import Musl
 #endif
 
-/// One armed deadline: what ``withDeadline(_:isolation:_:)`` registers with the shared timer.
+/// One armed deadline: what ``withDeadline(_:_:)`` registers with the shared timer.
 ///
 /// Subclasses say what happens when it fires (`fire()`); the timer calls it at most once,
 /// after releasing its lock. `expired` is set before `fire()` runs, so anything that

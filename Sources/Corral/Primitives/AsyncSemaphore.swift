@@ -24,6 +24,10 @@ import Synchronization
 /// and waiters behind it that now fit are served. If it was served at the same instant, it
 /// returns normally and holds the permits.
 ///
+/// Cancellation is observed only when a call has to wait: a cancelled task that finds the
+/// permits free takes them without suspending (like a Go `select` on a ready channel), so
+/// the uncontended path costs one atomic operation and no cancellation check.
+///
 /// - Important: Prefer ``withPermits(_:_:)``: it releases on every path. With
 ///   ``acquire(_:)`` the caller must ``release(_:)`` exactly what it acquired.
 public final class AsyncSemaphore: Sendable {
@@ -199,6 +203,7 @@ public final class AsyncSemaphore: Sendable {
     /// - Returns: What `body` returns.
     /// - Throws: What ``acquire(_:)`` throws (then `body` does not run), or what `body`
     ///   throws.
+    @discardableResult
     nonisolated(nonsending)
     public func withPermits<Result>(
         _ permits: Int = 1,

@@ -28,7 +28,8 @@ import Synchronization
 /// `CancellationError` (``TimeoutError`` when the enclosing deadline passed) and leaves no
 /// trace. An element handed to a receiver at the same instant it is cancelled is returned by
 /// that receiver, never dropped; a sender whose element was taken at that instant returns
-/// normally.
+/// normally. Cancellation is observed only when a call has to wait: a cancelled task whose
+/// send or receive can complete at once completes it.
 public final class BoundedChannel<Element: Sendable>: Sendable {
     /// How many elements the buffer holds; 0 for a rendezvous channel.
     public let capacity: Int
@@ -242,6 +243,8 @@ public final class BoundedChannel<Element: Sendable>: Sendable {
         state.withLock { $0.receivers.count }
     }
 }
+
+extension BoundedChannel.TryReceiveResult: Sendable {}
 
 extension BoundedChannel: AsyncSequence {
     /// Receives the channel's elements until it is closed and drained.

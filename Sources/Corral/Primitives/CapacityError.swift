@@ -17,6 +17,7 @@ public struct CapacityError: Error, Hashable, Sendable, CustomStringConvertible 
         self.operation = operation
     }
 
+    /// A readable description naming the operation and both numbers.
     public var description: String {
         "CapacityError: \(operation) asked for \(requested) but at most \(capacity) can ever be granted at once"
     }

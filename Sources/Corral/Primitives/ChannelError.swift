@@ -11,6 +11,7 @@ public struct ChannelError<Element: Sendable>: Error, CustomStringConvertible {
         /// The channel was closed: before the send, or while the sender waited for room.
         public static var closed: Code { Code(base: .closed) }
 
+        /// The code's name.
         public var description: String {
             switch base {
             case .closed: "closed"
@@ -28,6 +29,7 @@ public struct ChannelError<Element: Sendable>: Error, CustomStringConvertible {
         ChannelError(code: .closed, element: element)
     }
 
+    /// A readable description of what went wrong.
     public var description: String {
         switch code.base {
         case .closed:

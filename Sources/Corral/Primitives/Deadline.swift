@@ -8,8 +8,8 @@ import Synchronization
 /// of a request bounds everything beneath it.
 ///
 /// ```swift
-/// if let deadline = Deadline.current {
-///     request.timeout = Deadline.timeRemaining ?? .zero
+/// if let remaining = Deadline.timeRemaining {
+///     request.timeout = remaining   // the downstream call gives up when the caller would
 /// }
 /// ```
 public enum Deadline {
@@ -44,6 +44,7 @@ public struct TimeoutError: Error, Hashable, Sendable, CustomStringConvertible {
         self.deadline = deadline
     }
 
+    /// A readable description: how long ago the deadline passed.
     public var description: String {
         let late = deadline.duration(to: .now)
         return "TimeoutError: the deadline passed \(late) ago"
@@ -66,8 +67,9 @@ public struct TimeoutError: Error, Hashable, Sendable, CustomStringConvertible {
 ///   - body: The work to bound in time.
 /// - Returns: What `body` returns.
 /// - Throws: ``TimeoutError`` when the deadline passes and `body` then throws (typically the
-///   `CancellationError` the deadline caused); `CancellationError` when the calling task is
-///   cancelled; otherwise whatever `body` throws.
+///   `CancellationError` the deadline caused). When the calling task is cancelled, `body` is
+///   cancelled with it and this throws what `body` then throws (typically
+///   `CancellationError`). Otherwise whatever `body` throws.
 @discardableResult
 @inlinable
 nonisolated(nonsending)
@@ -104,9 +106,9 @@ public func withTimeout<Success: Sendable>(
 ///     is not run and ``TimeoutError`` is thrown at once.
 ///   - body: The work to bound in time.
 /// - Returns: What `body` returns.
-/// - Throws: ``TimeoutError`` when the deadline passes and `body` then throws;
-///   `CancellationError` when the calling task is cancelled (`body` is cancelled with it);
-///   otherwise whatever `body` throws.
+/// - Throws: ``TimeoutError`` when the deadline passes and `body` then throws. When the
+///   calling task is cancelled, `body` is cancelled with it and this throws what `body` then
+///   throws (typically `CancellationError`). Otherwise whatever `body` throws.
 @discardableResult
 @inlinable
 nonisolated(nonsending)

@@ -19,7 +19,9 @@
 ///
 /// ## Cancellation
 /// A waiter cancelled while it waits throws `CancellationError` (``TimeoutError`` when an
-/// enclosing deadline passed) and takes no tokens; the line moves on without it.
+/// enclosing deadline passed) and takes no tokens; the line moves on without it. A waiter
+/// whose turn comes at the instant it is cancelled, with its tokens already due, returns
+/// normally having taken them. Cancellation is observed only when a call has to wait.
 public final class RateLimiter<C: Clock>: Sendable where C.Duration == Duration {
     /// Tokens added per ``interval``.
     public let rate: Int
@@ -57,7 +59,8 @@ public final class RateLimiter<C: Clock>: Sendable where C.Duration == Duration 
     /// - Parameter tokens: How many tokens to take; must be greater than 0.
     /// - Throws: ``CapacityError`` at once when `tokens > burst` (it could never be granted);
     ///   `CancellationError` when the task is cancelled while it waits, or ``TimeoutError``
-    ///   when an enclosing deadline passes — in both cases no token was taken.
+    ///   when an enclosing deadline passes — in both cases no token was taken (unless its
+    ///   turn came, with the tokens due, at that very instant: then it returns normally).
     @inlinable
     nonisolated(nonsending)
     public func wait(_ tokens: Int = 1) async throws {
@@ -107,7 +110,8 @@ public final class RateLimiter<C: Clock>: Sendable where C.Duration == Duration 
 
     /// Takes `tokens` tokens only if they are available now and nobody is waiting.
     ///
-    /// - Returns: `true` if the tokens were taken.
+    /// - Returns: `true` if the tokens were taken; `false` otherwise, including when
+    ///   `tokens > burst` (which could never be granted).
     @inlinable
     public func tryAcquire(_ tokens: Int = 1) -> Bool {
         precondition(tokens > 0, "RateLimiter.tryAcquire(_:): tokens must be greater than 0, got \(tokens)")
