@@ -66,25 +66,6 @@ public final class AsyncSemaphore: Sendable {
         return false
     }
 
-    /// Before joining the line, waits a few hundred nanoseconds for permits to come back.
-    ///
-    /// Permits are often held for less time than a suspension costs (a critical section
-    /// around a counter, a cache lookup); joining the line then also turns every later
-    /// `acquire` into a suspension until the line drains (a convoy). Spinning only while
-    /// nobody is in line keeps the order first-come first-served: a spinning task has not
-    /// joined the line yet. No spinning on a single processor, where the holder cannot run
-    /// meanwhile.
-    @inline(__always)
-    private func spinForPermits(_ permits: Int) -> Bool {
-        guard Spinning.isUseful else { return false }
-        for _ in 0..<Spinning.attempts {
-            let current = fastPermits.load(ordering: .relaxed)
-            if current < 0 { return false }  // someone is in line: join it
-            if current >= permits && tryAcquireFast(permits) { return true }
-        }
-        return false
-    }
-
     /// Runs `body` on the locked state machine, in slow mode.
     @inline(__always)
     private func withState<Result>(_ body: (inout SemaphoreStateMachine) -> Result) -> Result {
@@ -119,7 +100,7 @@ public final class AsyncSemaphore: Sendable {
     nonisolated(nonsending)
     public func acquire(_ permits: Int = 1) async throws {
         precondition(permits > 0, "AsyncSemaphore.acquire(_:): permits must be greater than 0, got \(permits)")
-        if tryAcquireFast(permits) || spinForPermits(permits) { return }
+        if tryAcquireFast(permits) { return }
         switch withState({ $0.acquireRequested(permits) }) {
         case .acquired:
             return

@@ -74,22 +74,6 @@ struct ChannelStateMachine<Element: Sendable> {
         self.buffer = Deque(minimumCapacity: capacity)
     }
 
-    /// `readiness` bit: a receive would not wait (an element is buffered or offered by a
-    /// parked sender, or the channel is closed).
-    @usableFromInline static var canReceive: UInt8 { 1 }
-    /// `readiness` bit: a send would not wait (a receiver is parked, the buffer has room,
-    /// or the channel is closed).
-    @usableFromInline static var canSend: UInt8 { 2 }
-
-    /// Which operations would complete without waiting: ``canReceive`` | ``canSend``.
-    @inlinable
-    var readiness: UInt8 {
-        var bits: UInt8 = 0
-        if !buffer.isEmpty || !senders.isEmpty || isClosed { bits |= Self.canReceive }
-        if !receivers.isEmpty || buffer.count < capacity || isClosed { bits |= Self.canSend }
-        return bits
-    }
-
     // MARK: Send
 
     /// A send that does not wait: `.full` means the caller must park (or give up).

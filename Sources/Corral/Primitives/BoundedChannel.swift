@@ -1,5 +1,3 @@
-import Synchronization
-
 /// A multi-producer, multi-consumer channel with a fixed buffer — Go's `make(chan T, n)`,
 /// with backpressure, cancellation and a close that loses nothing.
 ///
@@ -34,9 +32,6 @@ public final class BoundedChannel<Element: Sendable>: Sendable {
     /// How many elements the buffer holds; 0 for a rendezvous channel.
     public let capacity: Int
     @usableFromInline let state: LockedState<ChannelStateMachine<Element>>
-    /// ``ChannelStateMachine/readiness`` as of the last operation: read without the lock by
-    /// a task spinning before it parks. Only a hint: decisions are made under the lock.
-    @usableFromInline let readiness: Atomic<UInt8>
 
     /// The result of ``trySend(_:)``.
     public enum TrySendResult: Hashable, Sendable {
@@ -65,33 +60,7 @@ public final class BoundedChannel<Element: Sendable>: Sendable {
     public init(capacity: Int) {
         precondition(capacity >= 0, "BoundedChannel(capacity:): capacity must be 0 or more, got \(capacity)")
         self.capacity = capacity
-        let machine = ChannelStateMachine<Element>(capacity: capacity)
-        self.readiness = Atomic(machine.readiness)
-        self.state = LockedState(machine)
-    }
-
-    /// Runs `body` on the locked state machine and publishes its readiness.
-    @inlinable
-    @inline(__always)
-    func withState<Result>(_ body: (inout ChannelStateMachine<Element>) -> Result) -> Result {
-        state.withLock { machine in
-            let result = body(&machine)
-            readiness.store(machine.readiness, ordering: .relaxed)
-            return result
-        }
-    }
-
-    /// Before parking, polls for a few hundred nanoseconds until the other side makes
-    /// progress (see ``Spinning``): with producers and consumers running in parallel, the
-    /// element or the room usually arrives sooner than a suspension and resumption would
-    /// take. Returns whether the operation is worth retrying.
-    @inlinable
-    func spin(until ready: UInt8) -> Bool {
-        guard Spinning.isUseful else { return false }
-        for _ in 0..<Spinning.attempts where readiness.load(ordering: .relaxed) & ready != 0 {
-            return true
-        }
-        return false
+        self.state = LockedState(ChannelStateMachine(capacity: capacity))
     }
 
     /// Sends `element`, waiting while the buffer is full.
@@ -106,14 +75,10 @@ public final class BoundedChannel<Element: Sendable>: Sendable {
     @inlinable
     nonisolated(nonsending)
     public func send(_ element: Element) async throws {
-        var action: (ChannelStateMachine<Element>.SendAction, WaiterID?) = (withState { $0.sendRequested(element) }, nil)
-        if case (.full, _) = action {
-            _ = spin(until: ChannelStateMachine<Element>.canSend)
-            action = withState { state in
-                let action = state.sendRequested(element)
-                guard case .full = action else { return (action, nil) }
-                return (action, state.senderParked(element))
-            }
+        let action: (ChannelStateMachine<Element>.SendAction, WaiterID?) = state.withLock { state in
+            let action = state.sendRequested(element)
+            guard case .full = action else { return (action, nil) }
+            return (action, state.senderParked(element))
         }
         switch action {
         case (.sent(let receiver), _):
@@ -123,9 +88,8 @@ public final class BoundedChannel<Element: Sendable>: Sendable {
         case (.full, let id?):
             let outcome = await state.suspend { state, continuation in
                 state.senderSuspended(id, continuation)
-            } onCancel: { [self] state in
-                defer { readiness.store(state.readiness, ordering: .relaxed) }
-                return state.senderCancelled(id)
+            } onCancel: { state in
+                state.senderCancelled(id)
             }
             switch outcome {
             case .sent: return
@@ -144,7 +108,7 @@ public final class BoundedChannel<Element: Sendable>: Sendable {
     ///   still has it).
     @inlinable
     public func trySend(_ element: Element) -> TrySendResult {
-        switch withState({ $0.sendRequested(element) }) {
+        switch state.withLock({ $0.sendRequested(element) }) {
         case .sent(let receiver):
             receiver?.resume()
             return .enqueued
@@ -165,14 +129,10 @@ public final class BoundedChannel<Element: Sendable>: Sendable {
     @inlinable
     nonisolated(nonsending)
     public func receive() async throws -> Element? {
-        var action: (ChannelStateMachine<Element>.ReceiveAction, WaiterID?) = (withState { $0.receiveRequested() }, nil)
-        if case (.empty, _) = action {
-            _ = spin(until: ChannelStateMachine<Element>.canReceive)
-            action = withState { state in
-                let action = state.receiveRequested()
-                guard case .empty = action else { return (action, nil) }
-                return (action, state.receiverParked())
-            }
+        let action: (ChannelStateMachine<Element>.ReceiveAction, WaiterID?) = state.withLock { state in
+            let action = state.receiveRequested()
+            guard case .empty = action else { return (action, nil) }
+            return (action, state.receiverParked())
         }
         switch action {
         case (.element(let element, let sender), _):
@@ -183,9 +143,8 @@ public final class BoundedChannel<Element: Sendable>: Sendable {
         case (.empty, let id?):
             let outcome = await state.suspend { state, continuation in
                 state.receiverSuspended(id, continuation)
-            } onCancel: { [self] state in
-                defer { readiness.store(state.readiness, ordering: .relaxed) }
-                return state.receiverCancelled(id)
+            } onCancel: { state in
+                state.receiverCancelled(id)
             }
             switch outcome {
             case .element(let element): return element
@@ -200,7 +159,7 @@ public final class BoundedChannel<Element: Sendable>: Sendable {
     /// Receives the next element only if one is available now.
     @inlinable
     public func tryReceive() -> TryReceiveResult {
-        switch withState({ $0.receiveRequested() }) {
+        switch state.withLock({ $0.receiveRequested() }) {
         case .element(let element, let sender):
             sender?.resume()
             return .element(element)
@@ -217,7 +176,7 @@ public final class BoundedChannel<Element: Sendable>: Sendable {
     /// ``ChannelError`` carrying their element; buffered elements are still delivered, after
     /// which receivers get `nil`.
     public func close() {
-        let (senders, receivers) = withState { $0.closeRequested() }
+        let (senders, receivers) = state.withLock { $0.closeRequested() }
         senders.resumeAll()
         receivers.resumeAll()
     }
