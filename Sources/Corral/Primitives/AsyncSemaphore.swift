@@ -38,7 +38,7 @@ public final class AsyncSemaphore: Sendable {
     /// no lock. While waiters exist (*slow mode*) it holds `-1` and every operation goes
     /// through `state`, whose `available` is then authoritative. Only `withState` switches
     /// modes, under the lock.
-    private let fastPermits: Atomic<Int>
+    @usableFromInline let fastPermits: Atomic<Int>
     private let state: LockedState<SemaphoreStateMachine>
 
     /// Creates a semaphore with `permits` permits, all available.
@@ -52,8 +52,9 @@ public final class AsyncSemaphore: Sendable {
     }
 
     /// Takes `permits` in fast mode. Returns `false` when short of permits or in slow mode.
+    @inlinable
     @inline(__always)
-    private func tryAcquireFast(_ permits: Int) -> Bool {
+    func tryAcquireFast(_ permits: Int) -> Bool {
         var current = fastPermits.load(ordering: .relaxed)
         while current >= permits {
             let (exchanged, original) = fastPermits.weakCompareExchange(
@@ -97,8 +98,17 @@ public final class AsyncSemaphore: Sendable {
     ///   waits, or ``TimeoutError`` when an enclosing deadline passes — in both cases no
     ///   permit was taken.
     /// - Complexity: O(1), plus O(k) to wake the k waiters a release serves.
+    @inlinable
     nonisolated(nonsending)
     public func acquire(_ permits: Int = 1) async throws {
+        // The fast path is inlined into the caller: one compare-and-swap, no call.
+        if permits > 0 && tryAcquireFast(permits) { return }
+        try await acquireSlowly(permits)
+    }
+
+    @usableFromInline
+    nonisolated(nonsending)
+    func acquireSlowly(_ permits: Int) async throws {
         precondition(permits > 0, "AsyncSemaphore.acquire(_:): permits must be greater than 0, got \(permits)")
         if tryAcquireFast(permits) { return }
         switch withState({ $0.acquireRequested(permits) }) {
@@ -155,7 +165,22 @@ public final class AsyncSemaphore: Sendable {
     ///
     /// - Precondition: The permits were acquired: releasing more than are held is a
     ///   programming error that stops the program with a message naming the numbers.
+    @inlinable
     public func release(_ permits: Int = 1) {
+        // The fast path is inlined into the caller: one compare-and-swap, no call.
+        let current = fastPermits.load(ordering: .relaxed)
+        if permits > 0 && current >= 0 && current + permits <= capacity {
+            let (exchanged, _) = fastPermits.weakCompareExchange(
+                expected: current, desired: current + permits,
+                successOrdering: .releasing, failureOrdering: .relaxed
+            )
+            if exchanged { return }
+        }
+        releaseSlowly(permits)
+    }
+
+    @usableFromInline
+    func releaseSlowly(_ permits: Int) {
         precondition(permits > 0, "AsyncSemaphore.release(_:): permits must be greater than 0, got \(permits)")
         var current = fastPermits.load(ordering: .relaxed)
         while current >= 0 {
