@@ -139,10 +139,12 @@ public func withDeadline<Success: Sendable>(
     }
 
     let scope = TaskDeadlineScope(deadline: deadline)
+    let entry = LedgerEntry(kind: "Deadline", name: "withDeadline")
     // The body starts synchronously, right here, in a task of its own. That task arms the
     // deadline before running the body, so that even a body that never suspends is
     // cancelled when the deadline passes (it sees `Task.isCancelled`).
     let task = Task.immediate {
+        defer { entry.close() }
         withUnsafeCurrentTask { scope.task = $0 }
         DeadlineTimer.shared.arm(scope)
         defer { scope.bodyReturned() }

@@ -57,3 +57,22 @@ struct PreconditionTests {
         await #expect(processExitsWith: .failure) { ManualClock().advance(by: .seconds(-1)) }
     }
 }
+
+@Suite("Preconditions: groups")
+struct GroupPreconditionTests {
+    @Test func concurrentMapWithZeroLimit() async {
+        await #expect(processExitsWith: .failure) { _ = try? await [1, 2].concurrentMap(limit: 0) { $0 } }
+    }
+
+    @Test func concurrentForEachWithNegativeLimit() async {
+        await #expect(processExitsWith: .failure) { try? await [1].concurrentForEach(limit: -1) { _ in } }
+    }
+
+    @Test func errorGroupWithZeroLimit() async {
+        await #expect(processExitsWith: .failure) { try? await withErrorGroup(limit: 0) { _ in } }
+    }
+
+    @Test func taskTrackerWithZeroLimit() async {
+        await #expect(processExitsWith: .failure) { _ = TaskTracker(limit: 0) }
+    }
+}

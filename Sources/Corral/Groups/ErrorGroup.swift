@@ -1,0 +1,274 @@
+/// Runs `body`, which adds tasks to an error group, and returns when every task has finished
+/// — Go's `errgroup`, with a concurrency limit that suspends the adder, cancellation of the
+/// siblings on the first error, and a collect-all mode.
+///
+/// ```swift
+/// try await withErrorGroup(limit: 8) { group in
+///     for url in urls {
+///         try await group.addTask { try await fetch(url) }   // suspends while 8 run and 8 wait
+///     }
+/// }
+/// ```
+///
+/// ## Limit
+/// With a `limit`, at most `limit` tasks run at once, and at most `limit` more wait to start;
+/// ``ErrorGroup/addTask(_:)`` suspends beyond that (backpressure: the body cannot race
+/// ahead), and ``ErrorGroup/tryAddTask(_:)`` returns `false`. The tasks run on up to `limit`
+/// worker tasks that the group starts as needed and reuses, so a task costs a queue operation
+/// rather than a task creation. Without a limit, each added task is a child task of its own
+/// and `addTask` never waits.
+///
+/// Task-local values and priority are those of the `withErrorGroup` call (its workers are its
+/// child tasks); values bound around an individual `addTask` call are not carried to a task
+/// run by a reused worker.
+///
+/// ## Errors
+/// - ``ErrorGroupPolicy/cancelAll`` (the default): the first error a task throws cancels the
+///   running tasks; tasks not started yet never start; further `addTask` calls throw
+///   `CancellationError`. Once every task has finished, the call throws that first error —
+///   not a `CancellationError` it caused.
+/// - ``ErrorGroupPolicy/collectAll``: every task runs; the call throws ``ErrorGroupFailure``
+///   with every error, in the order they were thrown.
+///
+/// If `body` throws, the running tasks are cancelled and awaited, then the body's error is
+/// thrown (with `.collectAll`, inside the ``ErrorGroupFailure`` if tasks failed too).
+///
+/// ## Cancellation
+/// Cancelling the calling task cancels every task of the group; a suspended `addTask` throws
+/// `CancellationError`. `body` itself runs in the calling task, on the caller's actor: the
+/// first error does not interrupt what `body` is awaiting, but its next `addTask` throws.
+///
+/// When this returns or throws, every task the group started has finished.
+///
+/// - Parameters:
+///   - limit: The most tasks that run at once; `nil` for no limit. Must be greater than 0.
+///   - policy: What a task's error does to the others.
+///   - name: A name for diagnostics (leak reports).
+///   - body: Adds the tasks; may also do other work.
+/// - Returns: What `body` returns.
+/// - Throws: The first task error (`.cancelAll`), ``ErrorGroupFailure`` (`.collectAll`),
+///   the body's error, or `CancellationError` if the calling task was cancelled.
+public func withErrorGroup<Result>(
+    limit: Int? = nil,
+    onError policy: ErrorGroupPolicy = .cancelAll,
+    name: String = "withErrorGroup",
+    isolation: isolated (any Actor)? = #isolation,
+    _ body: (inout ErrorGroup) async throws -> Result
+) async throws -> Result {
+    if let limit {
+        precondition(limit > 0, "withErrorGroup(limit:): limit must be greater than 0 (or nil for no limit), got \(limit)")
+    }
+    let storage = ErrorGroupStorage(policy: policy, limit: limit, name: name)
+    var result: Result?
+    do {
+        result = try await withThrowingDiscardingTaskGroup(returning: Result.self, isolation: isolation) { taskGroup in
+            var group = ErrorGroup(taskGroup: taskGroup, storage: storage)
+            do {
+                let value = try await body(&group)
+                storage.bodyFinished()
+                return value
+            } catch {
+                storage.bodyFailed(error)
+                throw error
+            }
+        }
+    } catch {
+        // Either the body's error or the marker a failing task throws to cancel its siblings;
+        // what the group throws is decided by what was recorded, in order.
+        guard let failure = storage.failure() else { throw error }
+        throw failure
+    }
+    if let failure = storage.failure() { throw failure }
+    return result!
+}
+
+/// The group passed to the body of ``withErrorGroup(limit:onError:name:isolation:_:)``: add
+/// tasks to it.
+///
+/// It is `~Copyable` and passed `inout`, so it cannot escape the body.
+public struct ErrorGroup: ~Copyable {
+    var taskGroup: ThrowingDiscardingTaskGroup<any Error>
+    let storage: ErrorGroupStorage
+
+    init(taskGroup: ThrowingDiscardingTaskGroup<any Error>, storage: ErrorGroupStorage) {
+        self.taskGroup = taskGroup
+        self.storage = storage
+    }
+
+    /// Adds a task, suspending while the group is at its limit (its workers are busy and its
+    /// queue is full).
+    ///
+    /// - Parameter operation: The task. Its error is handled by the group's policy.
+    /// - Throws: `CancellationError` when the group was cancelled (a task failed under
+    ///   ``ErrorGroupPolicy/cancelAll``, or the calling task was cancelled) — before or while
+    ///   waiting; the task was not added.
+    /// - Complexity: O(1).
+    nonisolated(nonsending)
+    public mutating func addTask(
+        _ operation: sending @escaping @isolated(any) () async throws -> Void
+    ) async throws {
+        let job = GroupJob(operation: operation)
+        guard storage.limit != nil else {
+            guard storage.acceptsUnlimitedTask() else { throw CancellationError() }
+            startTask(job)
+            return
+        }
+        switch storage.state.withLock({ $0.addRequested(job) }) {
+        case .startWorker(let job):
+            startWorker(with: job)
+        case .accepted(let woken):
+            woken?.resume()
+        case .rejected:
+            throw CancellationError()
+        case .suspend(let id):
+            let outcome = await storage.state.suspend { state, continuation in
+                state.adderSuspended(id, continuation)
+            } onCancel: { state in
+                state.adderCancelled(id)
+            }
+            switch outcome {
+            case .accepted: return
+            case .rejected: throw DeadlineContext.cancellationError()
+            }
+        }
+    }
+
+    /// Adds a task only if that needs no waiting — Go's `TryGo`.
+    ///
+    /// - Returns: `false`, without adding the task, when the group is at its limit or
+    ///   cancelled.
+    public mutating func tryAddTask(
+        _ operation: sending @escaping @isolated(any) () async throws -> Void
+    ) -> Bool {
+        let job = GroupJob(operation: operation)
+        guard storage.limit != nil else {
+            guard storage.acceptsUnlimitedTask() else { return false }
+            startTask(job)
+            return true
+        }
+        switch storage.state.withLock({ $0.tryAddRequested(job) }) {
+        case .startWorker(let job)?:
+            startWorker(with: job)
+            return true
+        case .accepted(let woken)?:
+            woken?.resume()
+            return true
+        case .rejected?, nil:
+            return false
+        case .suspend?:
+            preconditionFailure("ErrorGroup.tryAddTask: tryAddRequested never suspends")
+        }
+    }
+
+    /// Whether the group was cancelled: a task failed under ``ErrorGroupPolicy/cancelAll``,
+    /// the body threw, or the calling task was cancelled. Further `addTask` calls throw.
+    public var isCancelled: Bool {
+        storage.state.withLock { $0.isCancelled } || taskGroup.isCancelled
+    }
+
+    private mutating func startWorker(with job: GroupJob) {
+        let storage = self.storage
+        let entry = LedgerEntry(kind: "ErrorGroup", name: storage.name)
+        taskGroup.addTask {
+            defer { entry.close() }
+            try await storage.runWorker(first: job)
+        }
+    }
+
+    private mutating func startTask(_ job: GroupJob) {
+        let storage = self.storage
+        let entry = LedgerEntry(kind: "ErrorGroup", name: storage.name)
+        taskGroup.addTask {
+            defer { entry.close() }
+            try await storage.run(job)
+        }
+    }
+}
+
+/// What an error group's tasks share: its state, behind one lock.
+final class ErrorGroupStorage: Sendable {
+    let limit: Int?
+    let name: String
+    let state: LockedState<ErrorGroupStateMachine>
+
+    init(policy: ErrorGroupPolicy, limit: Int?, name: String) {
+        self.limit = limit
+        self.name = name
+        self.state = LockedState(ErrorGroupStateMachine(policy: policy, limit: limit ?? .max))
+    }
+
+    /// Without a limit, a task may be added unless the group was cancelled.
+    func acceptsUnlimitedTask() -> Bool {
+        state.withLock { !$0.isCancelled }
+    }
+
+    /// Runs one task, handing its error to the policy. Throws only to make the task group
+    /// cancel every other task (``ErrorGroupPolicy/cancelAll``).
+    func run(_ job: GroupJob) async throws {
+        do {
+            try await job.operation()
+        } catch {
+            let isCancelled = Task.isCancelled
+            switch state.withLock({ $0.taskFailed(error, whileCancelled: isCancelled) }) {
+            case .none:
+                return
+            case .cancelGroup(let workers, let adders):
+                workers.resumeAll()
+                adders.resumeAll()
+                throw ErrorGroupCancellation()
+            }
+        }
+    }
+
+    /// A worker: runs `first`, then queued tasks, parking while there are none, until the
+    /// body has finished and the queue is empty, or the group is cancelled.
+    func runWorker(first: GroupJob) async throws {
+        var job = first
+        while true {
+            do {
+                try await run(job)
+            } catch {
+                state.withLock { $0.workerThrew() }
+                throw error
+            }
+            switch state.withLock({ $0.jobFinished() }) {
+            case .run(let next, let admitted):
+                admitted?.resume()
+                job = next
+            case .exit:
+                return
+            case .park(let id):
+                let outcome = await state.suspend { state, continuation in
+                    state.workerSuspended(id, continuation)
+                } onCancel: { state in
+                    state.workerCancelled(id)
+                }
+                switch outcome {
+                case .job(let next):
+                    state.withLock { $0.workerWoke() }.resumeAll()
+                    job = next
+                case .finish:
+                    return
+                }
+            }
+        }
+    }
+
+    func bodyFinished() {
+        state.withLock { $0.bodyFinished() }.resumeAll()
+    }
+
+    func bodyFailed(_ error: any Error) {
+        let (workers, adders) = state.withLock { $0.bodyFailed(error) }
+        workers.resumeAll()
+        adders.resumeAll()
+    }
+
+    func failure() -> (any Error)? {
+        state.withLock { $0.failure() }
+    }
+}
+
+/// Thrown by a failing task to make the underlying task group cancel its siblings; never
+/// escapes `withErrorGroup`.
+struct ErrorGroupCancellation: Error {}

@@ -1,0 +1,291 @@
+@testable import Corral
+import CorralTesting
+import Testing
+
+@Suite("ErrorGroup")
+struct ErrorGroupTests {
+    @Test(arguments: [nil, 1, 3, 8] as [Int?])
+    func everyTaskRuns_andTheBodysValueIsReturned(limit: Int?) async throws {
+        let ran = Log<Int>()
+        let value = try await expectNoLeakedTasks {
+            try await withErrorGroup(limit: limit) { group in
+                for index in 0..<100 {
+                    try await group.addTask { ran.append(index) }
+                }
+                return "done"
+            }
+        }
+        #expect(value == "done")
+        #expect(ran.elements.sorted() == Array(0..<100))
+    }
+
+    @Test(arguments: [1, 2, 5])
+    func theLimit_isNeverExceeded(limit: Int) async throws {
+        let running = Gauge()
+        try await expectNoLeakedTasks {
+            try await withErrorGroup(limit: limit) { group in
+                for _ in 0..<200 {
+                    try await group.addTask {
+                        running.add(1)
+                        await Task.yield()
+                        running.add(-1)
+                    }
+                }
+            }
+        }
+        #expect(running.peak <= limit)
+        #expect(running.peak >= 1)
+        #expect(running.current == 0)
+    }
+
+    @Test func theLimit_isReached_whenTasksBlock() async throws {
+        let running = Gauge()
+        let gate = AsyncSemaphore(permits: 4)
+        try await gate.acquire(4)
+        try await withErrorGroup(limit: 4) { group in
+            for _ in 0..<4 {
+                try await group.addTask {
+                    running.add(1)
+                    try await gate.acquire()
+                    gate.release()
+                    running.add(-1)
+                }
+            }
+            await waitUntil("4 tasks running") { running.current == 4 }
+            gate.release(4)
+        }
+        #expect(running.peak == 4)
+    }
+
+    @Test func addTask_suspendsAtTheLimit_andResumesWhenATaskFinishes() async throws {
+        let gate = AsyncSemaphore(permits: 1)
+        try await gate.acquire()
+        let added = Gauge()
+        try await withErrorGroup(limit: 1) { group in
+            // 1 running + 1 queued fill the group; the third addTask must wait.
+            for _ in 0..<2 {
+                try await group.addTask {
+                    try await gate.acquire()
+                    gate.release()
+                }
+                added.add(1)
+            }
+            #expect(!group.tryAddTask {})
+            let storage = group.storage
+            let opener = Task {
+                await waitUntil("the third addTask is parked") { storage.state.withLock { $0.adders.count } == 1 }
+                #expect(added.current == 2)
+                gate.release()
+            }
+            try await group.addTask {}  // parks until the running task finishes
+            added.add(1)
+            await opener.value
+        }
+        #expect(added.current == 3)
+    }
+
+    @Test func tryAddTask_returnsFalseAtTheLimit_andTrueWithRoom() async throws {
+        let gate = AsyncSemaphore(permits: 1)
+        try await gate.acquire()
+        try await withErrorGroup(limit: 2) { group in
+            var accepted = 0
+            for _ in 0..<10 {
+                if group.tryAddTask({ try await gate.acquire(); gate.release() }) { accepted += 1 }
+            }
+            #expect(accepted == 4)  // 2 running + 2 queued
+            gate.release()
+        }
+    }
+
+    @Test func firstError_cancelsTheOthers_andIsThrown_notACancellationError() async throws {
+        let cancelled = Gauge()
+        let started = Gauge()
+        await #expect(throws: TestError(id: 1)) {
+            try await withErrorGroup { group in
+                for _ in 0..<10 {
+                    try await group.addTask {
+                        started.add(1)
+                        do {
+                            try await Task.sleep(for: .seconds(3600))
+                        } catch {
+                            cancelled.add(1)
+                            throw error
+                        }
+                    }
+                }
+                await waitUntil { started.current == 10 }
+                try await group.addTask { throw TestError(id: 1) }
+            }
+        }
+        #expect(cancelled.current == 10)  // every sibling observed the cancellation
+    }
+
+    @Test func firstError_withALimit_cancelsRunningTasks_andQueuedOnesNeverStart() async throws {
+        let started = Gauge()
+        await #expect(throws: TestError(id: 2)) {
+            try await withErrorGroup(limit: 2) { group in
+                try await group.addTask {
+                    started.add(1)
+                    try await Task.sleep(for: .seconds(3600))
+                }
+                try await group.addTask {
+                    started.add(1)
+                    throw TestError(id: 2)
+                }
+                // The group is cancelled: the next addTask throws, and the body ends.
+                while true {
+                    try await group.addTask { started.add(1) }
+                    await Task.yield()
+                }
+            }
+        }
+        #expect(started.current >= 2)
+    }
+
+    @Test func addTask_afterTheFirstError_throwsCancellationError() async throws {
+        let laterAdd = Log<String>()
+        await #expect(throws: TestError.self) {
+            try await withErrorGroup(limit: 1) { group in
+                try await group.addTask { throw TestError() }
+                await waitUntil { group.isCancelled }
+                laterAdd.append(group.tryAddTask {} ? "tryAddTask accepted" : "tryAddTask refused")
+                do {
+                    try await group.addTask {}
+                    laterAdd.append("addTask accepted")
+                } catch {
+                    laterAdd.append("addTask threw \(type(of: error))")
+                }
+            }
+        }
+        #expect(laterAdd.elements == ["tryAddTask refused", "addTask threw CancellationError"])
+    }
+
+    @Test(arguments: [nil, 2] as [Int?])
+    func collectAll_runsEveryTask_andThrowsEveryErrorInOrder(limit: Int?) async throws {
+        let ran = Gauge()
+        let turn = AsyncSemaphore(permits: 1)
+        let failure = await #expect(throws: ErrorGroupFailure.self) {
+            try await withErrorGroup(limit: limit, onError: .collectAll) { group in
+                for id in 0..<6 {
+                    // Serialise the tasks so the order of the errors is known.
+                    try await turn.acquire()
+                    try await group.addTask {
+                        defer { turn.release() }
+                        ran.add(1)
+                        if id.isMultiple(of: 2) { throw TestError(id: id) }
+                    }
+                }
+            }
+        }
+        #expect(ran.current == 6)
+        #expect(failure?.errors.compactMap { ($0 as? TestError)?.id } == [0, 2, 4])
+        #expect(failure?.bodyError == nil)
+    }
+
+    @Test func collectAll_withoutFailures_returnsNormally() async throws {
+        let value = try await withErrorGroup(limit: 3, onError: .collectAll) { group in
+            for _ in 0..<10 { try await group.addTask {} }
+            return 7
+        }
+        #expect(value == 7)
+    }
+
+    @Test(arguments: [nil, 2] as [Int?])
+    func bodyError_cancelsRunningTasks_awaitsThem_andIsThrown(limit: Int?) async throws {
+        let finished = Gauge()
+        await #expect(throws: TestError(id: 9)) {
+            try await expectNoLeakedTasks {
+                try await withErrorGroup(limit: limit) { group in
+                    for _ in 0..<2 {
+                        try await group.addTask {
+                            defer { finished.add(1) }
+                            try await Task.sleep(for: .seconds(3600))
+                        }
+                    }
+                    throw TestError(id: 9)
+                }
+            }
+        }
+        #expect(finished.current == 2)  // awaited before the call returned
+    }
+
+    @Test func collectAll_bodyErrorAndTaskErrors_areAllReported() async throws {
+        let failure = await #expect(throws: ErrorGroupFailure.self) {
+            try await withErrorGroup(onError: .collectAll) { group in
+                try await group.addTask { throw TestError(id: 1) }
+                await waitUntil { true }
+                try await Task.sleep(for: .milliseconds(1))
+                throw TestError(id: 2)
+            }
+        }
+        #expect(failure?.bodyError as? TestError == TestError(id: 2))
+    }
+
+    @Test func callerCancellation_cancelsEveryTask_andThrowsCancellationError() async throws {
+        let started = Gauge()
+        let task = Task {
+            try await withErrorGroup(limit: 3) { group in
+                for _ in 0..<3 {
+                    try await group.addTask {
+                        started.add(1)
+                        try await Task.sleep(for: .seconds(3600))
+                    }
+                }
+                try await group.addTask {}  // queued
+                try await group.addTask {}  // queued
+                try await group.addTask {}  // queued
+                try await group.addTask {}  // suspends: 3 running, 3 queued
+            }
+        }
+        await waitUntil { started.current == 3 }
+        task.cancel()
+        await #expect(throws: CancellationError.self) { try await task.value }
+    }
+
+    @Test func suspendedAddTask_isCancellable() async throws {
+        let gate = AsyncSemaphore(permits: 1)
+        try await gate.acquire()
+        let addedFourth = Gauge()
+        let task = Task {
+            try await withErrorGroup(limit: 1) { group in
+                try await group.addTask { try await gate.acquire(); gate.release() }
+                try await group.addTask {}
+                try await group.addTask { addedFourth.add(1) }  // waits: 1 running, 1 queued
+            }
+        }
+        await waitUntil { gate.waiters == 1 }
+        task.cancel()
+        await #expect(throws: CancellationError.self) { try await task.value }
+        #expect(addedFourth.current == 0)
+    }
+
+    @Test func tasksRunOnTheirOwnIsolation_andTheBodyOnTheCallers() async throws {
+        @MainActor final class Counter { var value = 0 }
+        let counter = Counter()
+        try await Task { @MainActor in
+            try await withErrorGroup(limit: 2) { group in
+                MainActor.assertIsolated()
+                for _ in 0..<5 {
+                    try await group.addTask { @MainActor in counter.value += 1 }
+                }
+            }
+        }.value
+        #expect(await counter.value == 5)
+    }
+
+    @Test func taskLocals_ofTheCall_areSeenByTheTasks() async throws {
+        let seen = Log<String>()
+        try await TestContext.$requestID.withValue("r-1") {
+            try await withErrorGroup(limit: 2) { group in
+                for _ in 0..<4 {
+                    try await group.addTask { seen.append(TestContext.requestID) }
+                }
+            }
+        }
+        #expect(seen.elements == Array(repeating: "r-1", count: 4))
+    }
+}
+
+enum TestContext {
+    @TaskLocal static var requestID = "none"
+}
