@@ -13,7 +13,9 @@ struct GroupJob: @unchecked Sendable {
 ///
 /// A limited group runs its tasks on at most `limit` *worker* tasks that it starts lazily and
 /// reuses: a worker runs a task, then takes the next from the queue, and parks when there is
-/// none. The queue holds at most `limit` tasks; `addTask` suspends beyond that.
+/// none. The queue holds at most `pendingCapacity` tasks (`max(limit, 256)`); `addTask`
+/// suspends beyond that. `tryAddTask` is stricter — Go's `TryGo`: it succeeds only while
+/// fewer than `limit` tasks are running or waiting.
 ///
 /// | event                 | condition                                        | effect |
 /// |-----------------------|--------------------------------------------------|--------|
@@ -26,7 +28,7 @@ struct GroupJob: @unchecked Sendable {
 /// | `jobFinished`         | a job is queued                                  | run it; admit the first parked adder's job into the queue |
 /// |                       | body finished or group cancelled                 | the worker exits |
 /// |                       | otherwise                                        | the worker parks (idle) |
-/// | `taskFailed(error)`   | `CancellationError` of a cancelled task          | ignored: a consequence, not a failure |
+/// | `taskFailed(error)`   | `CancellationError` in a cancelled group         | ignored: a consequence, not a failure |
 /// |                       | `.collectAll`                                    | recorded, in order |
 /// |                       | `.cancelAll`, first error                        | recorded, group cancelled |
 /// | `bodyFinished`        | —                                                | closed: idle workers take queued jobs or exit |
@@ -85,7 +87,15 @@ struct ErrorGroupStateMachine {
         self.limit = limit
     }
 
-    var queueCapacity: Int { limit }
+    /// How many added tasks may wait for a worker before `addTask` suspends: enough that the
+    /// adding task and the workers rarely wait for each other (a suspension costs as much as
+    /// hundreds of queue operations), small enough to bound the work the body gets ahead by.
+    var queueCapacity: Int { max(limit, Self.minimumPendingCapacity) }
+
+    static let minimumPendingCapacity = 256
+
+    /// Tasks running on a worker (not parked) or waiting in the queue.
+    var runningOrWaiting: Int { workers - idle.count + queue.count }
 
     // MARK: Adding
 
@@ -106,11 +116,10 @@ struct ErrorGroupStateMachine {
         return .suspend(adders.enqueue(job))
     }
 
-    /// `addTask` without waiting: `nil` when it would have to wait (nothing changes).
+    /// `tryAddTask`: `nil` (nothing changes) when `limit` tasks are already running or
+    /// waiting — Go's `TryGo`.
     mutating func tryAddRequested(_ job: GroupJob) -> AddAction? {
-        let canStartWorker = idle.isEmpty && workers < limit
-        let canHandOff = !wakePending && !idle.isEmpty
-        if !isCancelled && !canStartWorker && !canHandOff && queue.count >= queueCapacity {
+        if !isCancelled && runningOrWaiting >= limit {
             return nil
         }
         return addRequested(job)
@@ -175,8 +184,10 @@ struct ErrorGroupStateMachine {
 
     // MARK: Errors and the end
 
-    mutating func taskFailed(_ error: any Error, whileCancelled taskIsCancelled: Bool) -> FailureAction {
-        if error is CancellationError && (taskIsCancelled || isCancelled) {
+    /// A task threw `error` (the caller has already ignored the `CancellationError` of a
+    /// cancelled task).
+    mutating func taskFailed(_ error: any Error) -> FailureAction {
+        if error is CancellationError && isCancelled {
             return .none
         }
         switch policy.base {

@@ -1,3 +1,5 @@
+import Synchronization
+
 /// Runs `body`, which adds tasks to an error group, and returns when every task has finished
 /// — Go's `errgroup`, with a concurrency limit that suspends the adder, cancellation of the
 /// siblings on the first error, and a collect-all mode.
@@ -11,12 +13,13 @@
 /// ```
 ///
 /// ## Limit
-/// With a `limit`, at most `limit` tasks run at once, and at most `limit` more wait to start;
-/// ``ErrorGroup/addTask(_:)`` suspends beyond that (backpressure: the body cannot race
-/// ahead), and ``ErrorGroup/tryAddTask(_:)`` returns `false`. The tasks run on up to `limit`
-/// worker tasks that the group starts as needed and reuses, so a task costs a queue operation
-/// rather than a task creation. Without a limit, each added task is a child task of its own
-/// and `addTask` never waits.
+/// With a `limit`, at most `limit` tasks run at once. They run on up to `limit` worker tasks
+/// that the group starts as needed and reuses, so adding a task costs a queue operation
+/// rather than a task creation. Added tasks wait for a worker in a queue of
+/// `max(limit, 256)`; ``ErrorGroup/addTask(_:)`` suspends while it is full (backpressure: the
+/// body cannot race ahead by more than that). ``ErrorGroup/tryAddTask(_:)`` is stricter, like
+/// Go's `TryGo`: it adds the task only while fewer than `limit` tasks are running or waiting.
+/// Without a limit, each added task is a child task of its own and `addTask` never waits.
 ///
 /// Task-local values and priority are those of the `withErrorGroup` call (its workers are its
 /// child tasks); values bound around an individual `addTask` call are not carried to a task
@@ -95,8 +98,8 @@ public struct ErrorGroup: ~Copyable {
         self.storage = storage
     }
 
-    /// Adds a task, suspending while the group is at its limit (its workers are busy and its
-    /// queue is full).
+    /// Adds a task, suspending while the group is at its limit: `limit` tasks running and its
+    /// queue of waiting tasks full.
     ///
     /// - Parameter operation: The task. Its error is handled by the group's policy.
     /// - Throws: `CancellationError` when the group was cancelled (a task failed under
@@ -133,10 +136,11 @@ public struct ErrorGroup: ~Copyable {
         }
     }
 
-    /// Adds a task only if that needs no waiting — Go's `TryGo`.
+    /// Adds a task only if fewer than `limit` tasks are running or waiting — Go's `TryGo`.
     ///
-    /// - Returns: `false`, without adding the task, when the group is at its limit or
-    ///   cancelled.
+    /// - Returns: `false`, without adding the task, when `limit` tasks are running or waiting
+    ///   to start, or the group is cancelled. Always `true` for a group without a limit that
+    ///   is not cancelled.
     public mutating func tryAddTask(
         _ operation: sending @escaping @isolated(any) () async throws -> Void
     ) -> Bool {
@@ -190,6 +194,8 @@ final class ErrorGroupStorage: Sendable {
     let limit: Int?
     let name: String
     let state: LockedState<ErrorGroupStateMachine>
+    /// A task was interrupted by cancellation (the caller's, or the group's).
+    let cancellationSeen = Atomic<Bool>(false)
 
     init(policy: ErrorGroupPolicy, limit: Int?, name: String) {
         self.limit = limit
@@ -204,12 +210,20 @@ final class ErrorGroupStorage: Sendable {
 
     /// Runs one task, handing its error to the policy. Throws only to make the task group
     /// cancel every other task (``ErrorGroupPolicy/cancelAll``).
+    nonisolated(nonsending)
     func run(_ job: GroupJob) async throws {
         do {
             try await job.operation()
         } catch {
-            let isCancelled = Task.isCancelled
-            switch state.withLock({ $0.taskFailed(error, whileCancelled: isCancelled) }) {
+            // A cancelled task's CancellationError is a consequence, not a failure; it still
+            // makes the group throw CancellationError if nothing else went wrong.
+            if error is CancellationError && Task.isCancelled {
+                if !cancellationSeen.load(ordering: .relaxed) {
+                    cancellationSeen.store(true, ordering: .relaxed)
+                }
+                return
+            }
+            switch state.withLock({ $0.taskFailed(error) }) {
             case .none:
                 return
             case .cancelGroup(let workers, let adders):
@@ -222,6 +236,7 @@ final class ErrorGroupStorage: Sendable {
 
     /// A worker: runs `first`, then queued tasks, parking while there are none, until the
     /// body has finished and the queue is empty, or the group is cancelled.
+    nonisolated(nonsending)
     func runWorker(first: GroupJob) async throws {
         var job = first
         while true {
@@ -264,8 +279,11 @@ final class ErrorGroupStorage: Sendable {
         adders.resumeAll()
     }
 
+    /// What the group throws once every task has finished: the recorded failure, else
+    /// `CancellationError` if cancellation interrupted a task.
     func failure() -> (any Error)? {
-        state.withLock { $0.failure() }
+        if let failure = state.withLock({ $0.failure() }) { return failure }
+        return cancellationSeen.load(ordering: .relaxed) ? CancellationError() : nil
     }
 }
 

@@ -57,34 +57,35 @@ struct ErrorGroupTests {
         #expect(running.peak == 4)
     }
 
-    @Test func addTask_suspendsAtTheLimit_andResumesWhenATaskFinishes() async throws {
+    @Test func addTask_suspendsWhenTheLimitIsRunningAndTheQueueIsFull() async throws {
         let gate = AsyncSemaphore(permits: 1)
         try await gate.acquire()
         let added = Gauge()
+        let pending = ErrorGroupStateMachine.minimumPendingCapacity
         try await withErrorGroup(limit: 1) { group in
-            // 1 running + 1 queued fill the group; the third addTask must wait.
-            for _ in 0..<2 {
-                try await group.addTask {
-                    try await gate.acquire()
-                    gate.release()
-                }
-                added.add(1)
-            }
-            #expect(!group.tryAddTask {})
-            let storage = group.storage
-            let opener = Task {
-                await waitUntil("the third addTask is parked") { storage.state.withLock { $0.adders.count } == 1 }
-                #expect(added.current == 2)
+            // 1 running + `pending` queued fill the group; the next addTask must wait.
+            try await group.addTask {
+                try await gate.acquire()
                 gate.release()
             }
-            try await group.addTask {}  // parks until the running task finishes
+            for _ in 0..<pending {
+                try await group.addTask {}
+            }
+            added.add(1 + pending)
+            let storage = group.storage
+            let opener = Task {
+                await waitUntil("the next addTask is parked") { storage.state.withLock { $0.adders.count } == 1 }
+                #expect(added.current == 1 + pending)
+                gate.release()
+            }
+            try await group.addTask {}  // parks until a worker takes a queued task
             added.add(1)
             await opener.value
         }
-        #expect(added.current == 3)
+        #expect(added.current == 2 + pending)
     }
 
-    @Test func tryAddTask_returnsFalseAtTheLimit_andTrueWithRoom() async throws {
+    @Test func tryAddTask_acceptsOnlyWhileFewerThanLimitRunOrWait() async throws {
         let gate = AsyncSemaphore(permits: 1)
         try await gate.acquire()
         try await withErrorGroup(limit: 2) { group in
@@ -92,9 +93,17 @@ struct ErrorGroupTests {
             for _ in 0..<10 {
                 if group.tryAddTask({ try await gate.acquire(); gate.release() }) { accepted += 1 }
             }
-            #expect(accepted == 4)  // 2 running + 2 queued
+            #expect(accepted == 2)  // Go's TryGo: refused once `limit` are running
             gate.release()
         }
+    }
+
+    @Test func tryAddTask_withoutALimit_alwaysAccepts() async throws {
+        let ran = Gauge()
+        try await withErrorGroup { group in
+            for _ in 0..<20 { #expect(group.tryAddTask { ran.add(1) }) }
+        }
+        #expect(ran.current == 20)
     }
 
     @Test func firstError_cancelsTheOthers_andIsThrown_notACancellationError() async throws {
@@ -231,10 +240,9 @@ struct ErrorGroupTests {
                         try await Task.sleep(for: .seconds(3600))
                     }
                 }
-                try await group.addTask {}  // queued
-                try await group.addTask {}  // queued
-                try await group.addTask {}  // queued
-                try await group.addTask {}  // suspends: 3 running, 3 queued
+                // Queued behind the three running tasks, never started: the group is
+                // cancelled first.
+                for _ in 0..<10 { try await group.addTask {} }
             }
         }
         await waitUntil { started.current == 3 }
@@ -245,18 +253,25 @@ struct ErrorGroupTests {
     @Test func suspendedAddTask_isCancellable() async throws {
         let gate = AsyncSemaphore(permits: 1)
         try await gate.acquire()
-        let addedFourth = Gauge()
+        let addedLast = Gauge()
+        let parked = Gauge()
         let task = Task {
             try await withErrorGroup(limit: 1) { group in
                 try await group.addTask { try await gate.acquire(); gate.release() }
-                try await group.addTask {}
-                try await group.addTask { addedFourth.add(1) }  // waits: 1 running, 1 queued
+                for _ in 0..<ErrorGroupStateMachine.minimumPendingCapacity { try await group.addTask {} }
+                let storage = group.storage
+                let watcher = Task {
+                    await waitUntil { storage.state.withLock { $0.adders.count } == 1 }
+                    parked.add(1)
+                }
+                defer { watcher.cancel() }
+                try await group.addTask { addedLast.add(1) }  // waits: 1 running, queue full
             }
         }
-        await waitUntil { gate.waiters == 1 }
+        await waitUntil { parked.current == 1 }
         task.cancel()
         await #expect(throws: CancellationError.self) { try await task.value }
-        #expect(addedFourth.current == 0)
+        #expect(addedLast.current == 0)
     }
 
     @Test func tasksRunOnTheirOwnIsolation_andTheBodyOnTheCallers() async throws {

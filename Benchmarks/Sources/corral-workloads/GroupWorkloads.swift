@@ -1,0 +1,112 @@
+import Corral
+import Synchronization
+
+// group.limit, group.cancel_latency — see ../shared/bench/WORKLOADS.md.
+
+let groupWorkloads: [Workload] = [
+    Workload(name: "group.limit", impl: "corral", n: 1_000_000) { n in
+        let counter = Counter()
+        let elapsed = try await timed {
+            try await withErrorGroup(limit: 8) { group in
+                for _ in 0..<n {
+                    try await group.addTask { counter.add(1) }
+                }
+            }
+        }
+        try check(counter.value == n, "counter = \(counter.value), want \(n)")
+        return Measurement(elapsedNanoseconds: elapsed, extra: ["limit=8"])
+    },
+    Workload(name: "group.limit", impl: "taskgroup", n: 1_000_000) { n in
+        // What Swift users write today: a sliding window over a TaskGroup, a task per item.
+        let counter = Counter()
+        let elapsed = try await timed {
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for index in 0..<n {
+                    if index >= 8 { try await group.next() }
+                    group.addTask { counter.add(1) }
+                }
+                try await group.waitForAll()
+            }
+        }
+        try check(counter.value == n, "counter = \(counter.value), want \(n)")
+        return Measurement(elapsedNanoseconds: elapsed, extra: ["limit=8"])
+    },
+    Workload(name: "group.cancel_latency", impl: "corral", n: 1) { _ in
+        try await cancelLatency { tasks, thrower, started, cancelled, release, thrownAt in
+            try await withErrorGroup { group in
+                for index in 0..<tasks {
+                    try await group.addTask {
+                        try await waitingTask(index, thrower: thrower, started: started, cancelled: cancelled, release: release, thrownAt: thrownAt)
+                    }
+                }
+                while started.value < tasks { await Task.yield() }
+                release.release()
+            }
+        }
+    },
+    Workload(name: "group.cancel_latency", impl: "taskgroup", n: 1) { _ in
+        try await cancelLatency { tasks, thrower, started, cancelled, release, thrownAt in
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for index in 0..<tasks {
+                    group.addTask {
+                        try await waitingTask(index, thrower: thrower, started: started, cancelled: cancelled, release: release, thrownAt: thrownAt)
+                    }
+                }
+                while started.value < tasks { await Task.yield() }
+                release.release()
+                // The first error ends the loop; the group then cancels and awaits the rest.
+                while try await group.next() != nil {}
+            }
+        }
+    },
+]
+
+struct Boom: Error {}
+
+/// One of the 10,000 tasks: the thrower waits to be released, then throws; the others wait up
+/// to 10 s in a cancellable way and count the cancellation they observe.
+private func waitingTask(
+    _ index: Int, thrower: Int, started: Counter, cancelled: Counter,
+    release: AsyncSemaphore, thrownAt: Timestamp
+) async throws {
+    started.add(1)
+    if index == thrower {
+        try await release.acquire()
+        thrownAt.set(nowNanoseconds())
+        throw Boom()
+    }
+    do {
+        try await Task.sleep(for: .seconds(10))
+    } catch {
+        cancelled.add(1)
+        throw error
+    }
+}
+
+private func cancelLatency(
+    _ run: (Int, Int, Counter, Counter, AsyncSemaphore, Timestamp) async throws -> Void
+) async throws -> Measurement {
+    let tasks = 10_000, thrower = 5_000
+    let started = Counter(), cancelled = Counter()
+    let release = AsyncSemaphore(permits: 1)
+    try await release.acquire()
+    let thrownAt = Timestamp()
+    var caught: (any Error)?
+    do {
+        try await run(tasks, thrower, started, cancelled, release, thrownAt)
+    } catch {
+        caught = error
+    }
+    let end = nowNanoseconds()
+    try check(caught is Boom, "group threw \(String(describing: caught)), want Boom")
+    try check(cancelled.value == tasks - 1, "\(cancelled.value) tasks saw cancellation, want \(tasks - 1)")
+    try check(thrownAt.value > 0, "thrower never ran")
+    return Measurement(elapsedNanoseconds: end - thrownAt.value, extra: ["tasks=\(tasks)"])
+}
+
+/// A nanosecond timestamp written by one task and read by another.
+final class Timestamp: Sendable {
+    private let storage = Atomic<UInt64>(0)
+    func set(_ value: UInt64) { storage.store(value, ordering: .releasing) }
+    var value: UInt64 { storage.load(ordering: .acquiring) }
+}
