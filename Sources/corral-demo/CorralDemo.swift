@@ -66,8 +66,10 @@ struct CorralDemo: AsyncParsableCommand {
         print("corral-demo: \(calls) calls (\(plan.filter(\.isHeavy).count) heavy), \(workers) workers, quota 100 permits, \(rate)/s, timeout \(timeoutMs) ms")
         let clock = ContinuousClock()
         let start = clock.now
-        try await withThrowingTaskGroup(of: Void.self) { group in
-            group.addTask {
+        // One error group runs the producer and the workers: the first error (a bug, not a
+        // timeout: those are handled per call) cancels everything and is thrown here.
+        try await withErrorGroup(name: "api-quota client") { group in
+            try await group.addTask {
                 for request in plan {
                     try await requests.send(request)  // waits while the workers are behind
                     report.queued(depth: requests.count)
@@ -75,7 +77,7 @@ struct CorralDemo: AsyncParsableCommand {
                 requests.close()
             }
             for _ in 0..<workers {
-                group.addTask {
+                try await group.addTask {
                     for try await request in requests {
                         try await limiter.wait()
                         let cost = request.isHeavy ? 50 : 10
@@ -94,7 +96,6 @@ struct CorralDemo: AsyncParsableCommand {
                     }
                 }
             }
-            try await group.waitForAll()
         }
         let elapsed = start.duration(to: clock.now)
         print(report.summary(calls: calls, elapsed: elapsed, rate: rate))
