@@ -55,9 +55,14 @@ func checkNoLiveTasks(in ledger: TaskLedger, settle: Duration, sourceLocation: S
     let deadline = clock.now + settle
     var pause = Duration.microseconds(100)
     while ledger.liveTaskCount > 0 && clock.now < deadline {
-        // Let the finishing tasks run; back off like goleak's retries.
+        // Let the finishing tasks run; back off like goleak's retries. A cancelled test
+        // cannot sleep: check once more and report.
         await Task.yield()
-        try? await Task.sleep(for: pause)
+        do {
+            try await Task.sleep(for: pause)
+        } catch {
+            break
+        }
         pause = min(pause * 2, .milliseconds(20))
     }
     let live = ledger.liveTasks

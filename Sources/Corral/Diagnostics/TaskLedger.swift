@@ -2,8 +2,9 @@
 /// that a test can prove none outlived the scope (CorralTesting's `expectNoLeakedTasks`).
 ///
 /// A ledger is bound as a task-local value; every Corral structure that starts a task
-/// (error-group workers and tasks, `TaskTracker` tasks, deadline bodies, and pool workers
-/// and pipeline stages as they arrive) looks it up and records the task's start and end.
+/// (error-group workers and tasks, `concurrentMap` workers, `TaskTracker` tasks, deadline
+/// bodies, and pool workers and pipeline stages as they arrive) looks it up and records the
+/// task's start and end.
 /// Each test binds its own ledger, so parallel tests never see each other's tasks, and code
 /// running outside any ledger pays one task-local lookup per task it starts.
 public final class TaskLedger: Sendable {
@@ -11,7 +12,8 @@ public final class TaskLedger: Sendable {
     public struct Owner: Hashable, Sendable, CustomStringConvertible {
         /// The structure's type, e.g. `"ErrorGroup"` or `"TaskTracker"`.
         public var kind: String
-        /// The name the structure was given (or a default naming where it was created).
+        /// The name the structure was given, or its default (`"withErrorGroup"`,
+        /// `"TaskTracker"`, `"withDeadline"`, `"workers"` for `concurrentMap`).
         public var name: String
 
         /// Creates an owner.

@@ -7,7 +7,7 @@ import Synchronization
 /// ```swift
 /// try await withErrorGroup(limit: 8) { group in
 ///     for url in urls {
-///         try await group.addTask { try await fetch(url) }   // suspends while 8 run and 8 wait
+///         try await group.addTask { try await fetch(url) }   // suspends while 8 run and 256 wait
 ///     }
 /// }
 /// ```
@@ -21,9 +21,11 @@ import Synchronization
 /// Go's `TryGo`: it adds the task only while fewer than `limit` tasks are running or waiting.
 /// Without a limit, each added task is a child task of its own and `addTask` never waits.
 ///
-/// Task-local values and priority are those of the `withErrorGroup` call (its workers are its
-/// child tasks); values bound around an individual `addTask` call are not carried to a task
-/// run by a reused worker.
+/// Workers and tasks are child tasks of the calling task: they inherit its priority and its
+/// task-local values *as they are when the worker (or, without a limit, the task) is started*
+/// — that is, during an `addTask` call. Bind task-local values around the whole
+/// `withErrorGroup` call, or inside a task: a value bound around one `addTask` call can be
+/// inherited by a worker that goes on to run later tasks.
 ///
 /// ## Errors
 /// - ``ErrorGroupPolicy/cancelAll`` (the default): the first error a task throws cancels the
@@ -37,9 +39,13 @@ import Synchronization
 /// thrown (with `.collectAll`, inside the ``ErrorGroupFailure`` if tasks failed too).
 ///
 /// ## Cancellation
-/// Cancelling the calling task cancels every task of the group; a suspended `addTask` throws
-/// `CancellationError`. `body` itself runs in the calling task, on the caller's actor: the
-/// first error does not interrupt what `body` is awaiting, but its next `addTask` throws.
+/// Cancelling the calling task cancels every running task of the group, and `addTask` (even
+/// one that is suspended) throws `CancellationError`, as does every later call; `tryAddTask`
+/// returns `false`. Tasks already queued still start, cancelled. `body` itself runs in the
+/// calling task, on the caller's actor: the first error of a task does not interrupt what
+/// `body` is awaiting, but its next `addTask` throws. The call throws `CancellationError` if
+/// cancellation interrupted a task or the body and nothing else failed; otherwise it returns
+/// normally (every task finished its work).
 ///
 /// When this returns or throws, every task the group started has finished.
 ///
@@ -47,10 +53,11 @@ import Synchronization
 ///   - limit: The most tasks that run at once; `nil` for no limit. Must be greater than 0.
 ///   - policy: What a task's error does to the others.
 ///   - name: A name for diagnostics (leak reports).
+///   - isolation: The actor `body` runs on; the caller's by default.
 ///   - body: Adds the tasks; may also do other work.
 /// - Returns: What `body` returns.
 /// - Throws: The first task error (`.cancelAll`), ``ErrorGroupFailure`` (`.collectAll`),
-///   the body's error, or `CancellationError` if the calling task was cancelled.
+///   the body's error, or `CancellationError` if cancellation interrupted a task or the body.
 public func withErrorGroup<Result>(
     limit: Int? = nil,
     onError policy: ErrorGroupPolicy = .cancelAll,
@@ -103,7 +110,7 @@ public struct ErrorGroup: ~Copyable {
     ///
     /// - Parameter operation: The task. Its error is handled by the group's policy.
     /// - Throws: `CancellationError` when the group was cancelled (a task failed under
-    ///   ``ErrorGroupPolicy/cancelAll``, or the calling task was cancelled) — before or while
+    ///   ``ErrorGroupPolicy/cancelAll``, the calling task was cancelled) — before or while
     ///   waiting; the task was not added.
     /// - Complexity: O(1).
     nonisolated(nonsending)
@@ -111,6 +118,7 @@ public struct ErrorGroup: ~Copyable {
         _ operation: sending @escaping @isolated(any) () async throws -> Void
     ) async throws {
         let job = GroupJob(operation: operation)
+        if taskGroup.isCancelled { throw CancellationError() }
         guard storage.limit != nil else {
             guard storage.acceptsUnlimitedTask() else { throw CancellationError() }
             startTask(job)
@@ -145,6 +153,7 @@ public struct ErrorGroup: ~Copyable {
         _ operation: sending @escaping @isolated(any) () async throws -> Void
     ) -> Bool {
         let job = GroupJob(operation: operation)
+        if taskGroup.isCancelled { return false }
         guard storage.limit != nil else {
             guard storage.acceptsUnlimitedTask() else { return false }
             startTask(job)

@@ -71,8 +71,9 @@ extension Sequence where Element: Sendable {
 /// next index from a shared counter, writing each result into its own slot.
 ///
 /// Each slot is written by exactly one worker, and read only after the task group has
-/// joined every worker, so the slots need no lock; a worker stops claiming once the group
-/// is cancelled.
+/// joined every worker, so the slots need no lock. A worker that claims an element once the
+/// group is cancelled throws `CancellationError` instead of transforming it, so the map
+/// either fills every slot or throws.
 private func concurrentlyTransform<Element: Sendable, Transformed: Sendable>(
     _ elements: [Element],
     limit: Int,
@@ -88,7 +89,10 @@ private func concurrentlyTransform<Element: Sendable, Transformed: Sendable>(
                 defer { entry.close() }
                 while true {
                     let index = results.claimNext()
-                    guard index < count, !Task.isCancelled else { return }
+                    guard index < count else { return }
+                    // An element left untransformed must not pass for a result: stop the
+                    // whole map with the cancellation.
+                    try Task.checkCancellation()
                     results.store(try await transform(elements[index]), at: index)
                 }
             }

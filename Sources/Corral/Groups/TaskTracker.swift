@@ -17,9 +17,10 @@
 /// try await audits.wait()     // every tracked task has finished
 /// ```
 ///
-/// Tasks are unstructured tasks (they inherit the spawner's task-local values, priority and
-/// actor), accounted for by the tracker: a finished task's handle is dropped at once, so the
-/// tracker's memory stays proportional to its live tasks, however many have run.
+/// Tasks are unstructured tasks, accounted for by the tracker: they inherit the spawner's
+/// task-local values and priority, and run on the isolation of the closure passed in
+/// (annotate it `@MainActor` to run there). A finished task's handle is dropped at once, so
+/// the tracker's memory stays proportional to its live tasks, however many have run.
 ///
 /// Errors thrown by tracked tasks go to the `onError` handler given at creation; without one
 /// they are collected in ``errors`` (the most recent 1,000) and counted in ``errorCount``.

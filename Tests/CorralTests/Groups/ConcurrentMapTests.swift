@@ -75,4 +75,30 @@ struct ConcurrentMapTests {
         task.cancel()
         await #expect(throws: CancellationError.self) { try await task.value }
     }
+
+    /// Transforms that ignore cancellation and return normally: the map must still throw
+    /// rather than return (or crash on) elements it never transformed.
+    @Test func callerCancellation_withTransformsThatReturnNormally_throwsCancellationError() async throws {
+        let started = Gauge()
+        let gate = AsyncSemaphore(permits: 1)
+        try await gate.acquire()
+        let map = Task {
+            try await (0..<10).concurrentMap(limit: 2) { value -> Int in
+                started.add(1)
+                try? await gate.acquire()  // swallows the cancellation
+                return value
+            }
+        }
+        let forEach = Task {
+            try await (0..<10).concurrentForEach(limit: 2) { _ in
+                started.add(1)
+                try? await gate.acquire()
+            }
+        }
+        await waitUntil { started.current == 4 }
+        map.cancel()
+        forEach.cancel()
+        await #expect(throws: CancellationError.self) { try await map.value }
+        await #expect(throws: CancellationError.self) { try await forEach.value }
+    }
 }
