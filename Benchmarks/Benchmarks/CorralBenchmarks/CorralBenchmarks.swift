@@ -45,6 +45,7 @@ let benchmarks: @Sendable () -> Void = {
     channelBenchmarks()
     rateLimiterBenchmarks()
     deadlineBenchmarks()
+    groupBenchmarks()
 }
 
 // MARK: - Configurations
@@ -356,6 +357,59 @@ func deadlineBenchmarks() {
 /// starts every outer iteration in a new task, and the first time that task's frames get this
 /// deep its task allocator mallocs a slab: one malloc per outer iteration, not per operation,
 /// which would hide in the per-operation figures but break a committed p90 of 0.
+// MARK: - Groups
+
+func groupBenchmarks() {
+    // group.limit in WORKLOADS.md: a task per operation in a group limited to 8.
+    Benchmark("ErrorGroup.limit8.trivialTasks", configuration: allocating(mallocTolerance: 40)) { benchmark in
+        let counter = Counter()
+        let n = benchmark.scaledIterations.count
+        try await measure(benchmark) { _ in
+            try await withErrorGroup(limit: 8) { group in
+                for _ in 0..<n {
+                    try await group.addTask { counter.add(1) }
+                }
+            }
+        }
+        expect(benchmark, counter.value == n, "counter = \(counter.value), want \(n)")
+    }
+
+    Benchmark("ErrorGroup.unlimited.trivialTasks", configuration: allocating(mallocTolerance: 40)) { benchmark in
+        let counter = Counter()
+        let n = benchmark.scaledIterations.count
+        try await measure(benchmark) { _ in
+            try await withErrorGroup { group in
+                for _ in 0..<n {
+                    try await group.addTask { counter.add(1) }
+                }
+            }
+        }
+        expect(benchmark, counter.value == n, "counter = \(counter.value), want \(n)")
+    }
+
+    Benchmark("concurrentMap.limit4", configuration: allocating(mallocTolerance: 16)) { benchmark in
+        let input = Array(0..<benchmark.scaledIterations.count)
+        let output = try await measure(benchmark) { _ in
+            try await input.concurrentMap(limit: 4) { $0 &* 2 }
+        }
+        expect(benchmark, output.count == input.count && output.last == input.last.map { $0 &* 2 }, "wrong output")
+    }
+
+    Benchmark("TaskTracker.spawnAndDrain.limit64", configuration: allocating(mallocTolerance: 40)) { benchmark in
+        let counter = Counter()
+        let n = benchmark.scaledIterations.count
+        try await measure(benchmark) { _ in
+            let tracker = TaskTracker(name: "benchmark", limit: 64)
+            for _ in 0..<n {
+                try await tracker.spawn { counter.add(1) }
+            }
+            tracker.close()
+            try await tracker.wait()
+        }
+        expect(benchmark, counter.value == n, "counter = \(counter.value), want \(n)")
+    }
+}
+
 func measure<R>(
     _ benchmark: Benchmark,
     warmUp: Bool = false,

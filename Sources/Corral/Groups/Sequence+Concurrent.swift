@@ -20,6 +20,7 @@ extension Sequence where Element: Sendable {
     /// - Throws: The first error a transform throws: the other transforms are cancelled, the
     ///   elements not yet started are never transformed, and every started transform has
     ///   finished when this throws. `CancellationError` if the calling task is cancelled.
+    @inlinable
     public func concurrentMap<Transformed: Sendable>(
         limit: Int,
         _ transform: @escaping @Sendable (Element) async throws -> Transformed
@@ -40,6 +41,7 @@ extension Sequence where Element: Sendable {
     /// - Returns: The non-`nil` results, in input order.
     /// - Throws: The first error a transform throws (the others are cancelled), or
     ///   `CancellationError` if the calling task is cancelled.
+    @inlinable
     public func concurrentCompactMap<Transformed: Sendable>(
         limit: Int,
         _ transform: @escaping @Sendable (Element) async throws -> Transformed?
@@ -58,6 +60,7 @@ extension Sequence where Element: Sendable {
     ///   - body: The work for one element.
     /// - Throws: The first error `body` throws (the other calls are cancelled), or
     ///   `CancellationError` if the calling task is cancelled.
+    @inlinable
     public func concurrentForEach(
         limit: Int,
         _ body: @escaping @Sendable (Element) async throws -> Void
@@ -74,7 +77,8 @@ extension Sequence where Element: Sendable {
 /// joined every worker, so the slots need no lock. A worker that claims an element once the
 /// group is cancelled throws `CancellationError` instead of transforming it, so the map
 /// either fills every slot or throws.
-private func concurrentlyTransform<Element: Sendable, Transformed: Sendable>(
+@inlinable
+func concurrentlyTransform<Element: Sendable, Transformed: Sendable>(
     _ elements: [Element],
     limit: Int,
     _ transform: @escaping @Sendable (Element) async throws -> Transformed
@@ -102,31 +106,37 @@ private func concurrentlyTransform<Element: Sendable, Transformed: Sendable>(
 }
 
 /// Result storage shared by the workers of a concurrent map: one slot per input element.
-private final class ResultSlots<Value: Sendable>: @unchecked Sendable {
+@usableFromInline
+final class ResultSlots<Value: Sendable>: @unchecked Sendable {
     // @unchecked Sendable: `slots` is allocated once; slot `i` is written only by the worker
     // that claimed index `i` (`claimed` is atomic), and `collect()` reads them after
     // the task group has joined every worker, which orders every write before the read.
-    private let slots: UnsafeMutableBufferPointer<Value?>
-    private let claimed = Atomic<Int>(0)
+    @usableFromInline let slots: UnsafeMutableBufferPointer<Value?>
+    @usableFromInline let claimed = Atomic<Int>(0)
 
+    @inlinable
     init(count: Int) {
         slots = .allocate(capacity: count)
         slots.initialize(repeating: nil)
     }
 
     /// The next unclaimed index (may be past the end).
+    @inlinable
     func claimNext() -> Int {
         claimed.wrappingAdd(1, ordering: .relaxed).oldValue
     }
 
+    @inlinable
     func store(_ value: Value, at index: Int) {
         slots[index] = value
     }
 
+    @inlinable
     func collect() -> [Value?] {
         Array(slots)
     }
 
+    @inlinable
     deinit {
         slots.deinitialize()
         slots.deallocate()

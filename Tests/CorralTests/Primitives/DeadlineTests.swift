@@ -1,4 +1,5 @@
 @testable import Corral
+import CorralTesting
 import Testing
 
 @Suite("Deadlines")
@@ -172,7 +173,7 @@ struct DeadlineTests {
     }
 
     @Test func manyConcurrentDeadlines_fireIndependently() async throws {
-        let outcomes = await withTaskGroup(of: Bool.self) { group in
+        let outcomes = try await expectNoLeakedTasks { await withTaskGroup(of: Bool.self) { group in
             for index in 0..<200 {
                 group.addTask {
                     do {
@@ -191,7 +192,7 @@ struct DeadlineTests {
             var all: [Bool] = []
             for await outcome in group { all.append(outcome) }
             return all
-        }
+        } }
         #expect(outcomes.count == 200)
         #expect(outcomes.allSatisfy { $0 })
     }
