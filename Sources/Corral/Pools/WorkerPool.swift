@@ -1,0 +1,320 @@
+#if canImport(Darwin)
+import Darwin
+#elseif canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// A bounded pool of worker tasks fed by a bounded queue — Go's worker-pool pattern, with
+/// backpressure, job handles, elastic sizing, and a shutdown that accounts for every job.
+///
+/// ```swift
+/// let pool = WorkerPool(.init(workers: .fixed(10), queueCapacity: 100, name: "thumbnails"))
+/// try await withErrorGroup { group in
+///     try await group.addTask { try await pool.run() }          // the workers are its child tasks
+///     let handle = try await pool.submit { try await render(image) }   // suspends while the queue is full
+///     let thumbnail = try await handle.value
+///     pool.shutdown(.graceful)                                   // finish what was accepted, then run() returns
+/// }
+/// ```
+///
+/// ## Lifecycle
+/// Jobs may be submitted before ``run()`` starts: they queue. ``run()`` starts the workers as
+/// its child tasks and returns once the pool is shut down and every worker has exited: no task
+/// of the pool outlives it. ``shutdown(_:)`` is idempotent, safe to race with submitters, and
+/// may be called before ``run()``:
+/// - ``ShutdownMode/graceful``: stop accepting (waiting submitters are refused), run every
+///   queued job, then ``run()`` returns. ``ShutdownMode/graceful(timeout:)`` becomes
+///   immediate if the queue has not drained in time.
+/// - ``ShutdownMode/immediate``: stop accepting, cancel the running jobs, and fail every
+///   queued job's handle with ``PoolError`` (code `.shutdown`). A running job that ignores
+///   its cancellation runs to its end: ``run()`` waits for it, so that nothing outlives it.
+///
+/// Cancelling the task running ``run()`` is an immediate shutdown; ``run()`` then throws
+/// `CancellationError`.
+///
+/// ## Accounting
+/// Every job the pool accepts ends in exactly one of: completed, failed (its handle throws the
+/// job's error), cancelled, or rejected at shutdown (its handle throws ``PoolError``). Once
+/// ``run()`` has returned, `stats.submitted == completed + failed + cancelled + rejected`.
+/// Refusals (``trySubmit(_:)`` on a full queue, submissions after shutdown) are counted apart
+/// in ``Stats/refused``: those jobs were never accepted.
+///
+/// ## Context
+/// Jobs run on the pool's workers, which are child tasks of ``run()``: they inherit the
+/// task-local values and priority of the task running ``run()``, not of the submitter, and
+/// run on the isolation of the closure submitted.
+public final class WorkerPool: Sendable {
+    /// The pool's configuration.
+    public let configuration: Configuration
+    let storage: WorkerPoolStorage
+
+    /// Creates a pool; its workers start when ``run()`` is called.
+    public init(_ configuration: Configuration) {
+        self.configuration = configuration
+        self.storage = WorkerPoolStorage(configuration)
+    }
+
+    /// The pool's name.
+    public var name: String { configuration.name }
+
+    /// Runs the workers until the pool is shut down and every worker has exited.
+    ///
+    /// Call it once, typically as a child task of the code that owns the pool (or as a
+    /// `Service`'s `run()`).
+    ///
+    /// - Throws: `CancellationError` when the calling task is cancelled: the pool is shut down
+    ///   immediately (running jobs cancelled, queued jobs rejected), and this throws once every
+    ///   worker has exited.
+    /// - Precondition: `run()` is not already running.
+    public func run() async throws {
+        let storage = self.storage
+        let initial = storage.state.withLock { $0.runStarted() }
+        await withDiscardingTaskGroup { group in
+            var toStart = initial
+            while true {
+                for _ in 0..<toStart {
+                    let workerID = storage.state.withLock { $0.makeWorkerID() }
+                    let entry = LedgerEntry(kind: "WorkerPool", name: storage.name)
+                    group.addTask {
+                        defer { entry.close() }
+                        await storage.runWorker(workerID)
+                    }
+                }
+                toStart = 0
+                switch await storage.nextSupervisorEvent() {
+                case .startWorkers(let count):
+                    toStart = count
+                case .cancelWorkers:
+                    group.cancelAll()
+                case .finished:
+                    return
+                }
+            }
+        }
+        for escalation in storage.state.withLock({ state in
+            defer { state.escalations.removeAll() }
+            return state.escalations
+        }) {
+            DeadlineTimer.shared.disarm(escalation)
+        }
+        if Task.isCancelled { throw CancellationError() }
+    }
+
+    /// Submits a job, waiting while the queue is full.
+    ///
+    /// Submitters waiting for room are served in arrival order.
+    ///
+    /// - Parameter operation: The job. It runs on a worker, on its own isolation.
+    /// - Returns: The job's handle: await ``JobHandle/value`` for its result.
+    /// - Throws: ``PoolError`` (code `.shutdown`) when the pool is shut down, before or while
+    ///   waiting; `CancellationError` (or ``TimeoutError``) when the submitting task is cancelled
+    ///   while it waits — in both cases the job was not accepted. A submitter given room at the
+    ///   instant it is cancelled returns the handle.
+    nonisolated(nonsending)
+    public func submit<Success: Sendable>(
+        _ operation: sending @escaping @isolated(any) () async throws -> Success
+    ) async throws -> JobHandle<Success> {
+        let job = PoolJob(storage: storage, operation: operation)
+        switch storage.state.withLock({ $0.submitRequested(job, mayWait: true) }) {
+        case .accepted(let worker, let supervisor):
+            worker?.resume()
+            supervisor?.resume()
+            return JobHandle(job: job)
+        case .refused, .queueFull:
+            throw PoolError.shutdown(pool: name)
+        case .suspend(let id):
+            let outcome = await storage.state.suspend { state, continuation in
+                state.submitterSuspended(id, continuation)
+            } onCancel: { state in
+                state.submitterCancelled(id)
+            }
+            switch outcome {
+            case .accepted: return JobHandle(job: job)
+            case .refused: throw PoolError.shutdown(pool: name)
+            case .cancelled: throw DeadlineContext.cancellationError()
+            }
+        }
+    }
+
+    /// Submits a job only if that needs no waiting.
+    ///
+    /// - Returns: The job's handle.
+    /// - Throws: ``PoolError`` at once, without accepting the job: code `.queueFull` when the
+    ///   queue is full (and no worker is idle), `.shutdown` when the pool is shut down.
+    public func trySubmit<Success: Sendable>(
+        _ operation: sending @escaping @isolated(any) () async throws -> Success
+    ) throws -> JobHandle<Success> {
+        let job = PoolJob(storage: storage, operation: operation)
+        switch storage.state.withLock({ $0.submitRequested(job, mayWait: false) }) {
+        case .accepted(let worker, let supervisor):
+            worker?.resume()
+            supervisor?.resume()
+            return JobHandle(job: job)
+        case .queueFull:
+            throw PoolError.queueFull(pool: name)
+        case .refused:
+            throw PoolError.shutdown(pool: name)
+        case .suspend:
+            preconditionFailure("WorkerPool.trySubmit: a submission that may not wait was parked")
+        }
+    }
+
+    /// Shuts the pool down; see ``ShutdownMode``. Idempotent; an immediate shutdown after a
+    /// graceful one escalates it.
+    public func shutdown(_ mode: ShutdownMode = .graceful) {
+        switch mode.base {
+        case .immediate:
+            storage.shutdown(immediate: true)
+        case .graceful(let deadline):
+            storage.shutdown(immediate: false)
+            if let deadline {
+                let escalation = EscalationScope(deadline: deadline, storage: storage)
+                storage.state.withLock { $0.escalations.append(escalation) }
+                DeadlineTimer.shared.arm(escalation)
+            }
+        }
+    }
+
+    /// A snapshot of the pool's counters.
+    public var stats: Stats {
+        storage.state.withLock { $0.snapshot }
+    }
+}
+
+/// What a pool's workers, jobs and handles share: its state, behind one lock.
+final class WorkerPoolStorage: Sendable {
+    let name: String
+    let state: LockedState<WorkerPoolStateMachine>
+
+    init(_ configuration: WorkerPool.Configuration) {
+        self.name = configuration.name
+        self.state = LockedState(WorkerPoolStateMachine(
+            name: configuration.name,
+            workers: configuration.workers,
+            queueCapacity: configuration.queueCapacity
+        ))
+    }
+
+    /// The supervisor (`run()`) waits for something to do. Cancelling `run()`'s task is an
+    /// immediate shutdown.
+    func nextSupervisorEvent() async -> WorkerPoolStateMachine.SupervisorEvent {
+        await withTaskCancellationHandler {
+            await withUnsafeContinuation { continuation in
+                state.withLock { $0.supervisorWaits(continuation) }?.resume()
+            }
+        } onCancel: {
+            shutdown(immediate: true)
+        }
+    }
+
+    /// One worker: takes jobs until the pool no longer needs it.
+    func runWorker(_ workerID: Int) async {
+        withUnsafeCurrentTask { task in
+            state.withLock { $0.workerStarted(workerID, task: task) }
+        }
+        var ended: (job: PoolJobBase, end: JobEnd)?
+        work: while true {
+            var resumptions = ReadyResumptions()
+            let action = state.withLock { $0.workerReady(workerID, ended: ended, into: &resumptions) }
+            resumptions.waiters.resumeAll()
+            resumptions.submitters.resumeAll()
+            ended = nil
+            switch action {
+            case .run(let job):
+                ended = (job, await job.run())
+            case .park(let id, let idleTimeout):
+                let timer = idleTimeout.map { IdleTimerScope(deadline: .now + $0, storage: self, waiter: id) }
+                if let timer { DeadlineTimer.shared.arm(timer) }
+                let outcome = await state.suspend { state, continuation in
+                    state.workerSuspended(id, continuation)
+                } onCancel: { state in
+                    state.idleWorkerCancelled(id)
+                }
+                if let timer { DeadlineTimer.shared.disarm(timer) }
+                switch outcome {
+                case .job(let job):
+                    ended = (job, await job.run())
+                case .exit:
+                    break work
+                }
+            case .exit:
+                break work
+            }
+        }
+        // A job cancellation may still be cancelling this task: wait for it before the task
+        // ends (cancelling an ended task would touch freed memory). Rare and brief.
+        while state.withLock({ $0.hasCancelsInFlight(workerID) }) {
+            sched_yield()
+        }
+        state.withLock { $0.workerExited(workerID) }?.resume()
+    }
+
+    func shutdown(immediate: Bool) {
+        let resumptions = state.withLock { $0.shutdownRequested(immediate: immediate) }
+        resumptions.workers.resumeAll()
+        resumptions.submitters.resumeAll()
+        resumptions.waiters.resumeAll()
+        resumptions.supervisor?.resume()
+    }
+
+    /// The result of `job`, waiting until it has ended.
+    nonisolated(nonsending)
+    func result<Success: Sendable>(of job: PoolJob<Success>) async throws -> Result<Success, any Error> {
+        guard let id = state.withLock({ $0.resultRequested(job) }) else {
+            return job.publishedResult()
+        }
+        let ended = await state.suspend { state, continuation in
+            state.resultWaiterSuspended(job, id, continuation)
+        } onCancel: { state in
+            state.resultWaiterCancelled(job, id)
+        }
+        guard ended else { throw DeadlineContext.cancellationError() }
+        return job.publishedResult()
+    }
+
+    func cancel(_ job: PoolJobBase) {
+        switch state.withLock({ $0.cancelRequested(job) }) {
+        case .none:
+            return
+        case .ended(let waiters):
+            waiters.resumeAll()
+        case .cancelTask(let task, let workerID):
+            task.cancel()
+            state.withLock { $0.jobCancelDelivered(workerID: workerID) }
+        }
+    }
+}
+
+/// Fires when an idle worker above the minimum has waited `idleTimeout` for a job.
+final class IdleTimerScope: DeadlineScope, @unchecked Sendable {
+    // @unchecked Sendable: every stored property is immutable.
+    let storage: WorkerPoolStorage
+    let waiter: WaiterID
+
+    init(deadline: ContinuousClock.Instant, storage: WorkerPoolStorage, waiter: WaiterID) {
+        self.storage = storage
+        self.waiter = waiter
+        super.init(deadline: deadline)
+    }
+
+    override func fire() {
+        storage.state.withLock { $0.idleTimerFired(waiter) }?.resume()
+    }
+}
+
+/// Turns a graceful shutdown into an immediate one when its deadline passes.
+final class EscalationScope: DeadlineScope, @unchecked Sendable {
+    // @unchecked Sendable: every stored property is immutable.
+    let storage: WorkerPoolStorage
+
+    init(deadline: ContinuousClock.Instant, storage: WorkerPoolStorage) {
+        self.storage = storage
+        super.init(deadline: deadline)
+    }
+
+    override func fire() {
+        storage.shutdown(immediate: true)
+    }
+}
