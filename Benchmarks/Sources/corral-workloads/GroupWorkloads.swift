@@ -110,3 +110,40 @@ final class Timestamp: Sendable {
     func set(_ value: UInt64) { storage.store(value, ordering: .releasing) }
     var value: UInt64 { storage.load(ordering: .acquiring) }
 }
+
+// pool.throughput — see ../shared/bench/WORKLOADS.md.
+
+let poolWorkloads: [Workload] = [
+    Workload(name: "pool.throughput", impl: "corral", n: 1_000_000) { n in
+        let counter = Counter()
+        let pool = WorkerPool(.init(workers: .fixed(4), queueCapacity: 1024, name: "throughput"))
+        let elapsed = try await timed {
+            try await withErrorGroup { group in
+                try await group.addTask { try await pool.run() }
+                for _ in 0..<n {
+                    _ = try await pool.submit { counter.add(1) }
+                }
+                pool.shutdown(.graceful)
+            }
+        }
+        try check(counter.value == n, "counter = \(counter.value), want \(n)")
+        let stats = pool.stats
+        try check(stats.completed == n && stats.unfinished == 0, "stats \(stats)")
+        return Measurement(elapsedNanoseconds: elapsed, extra: ["workers=4", "queue=1024"])
+    },
+    Workload(name: "pool.throughput", impl: "taskgroup", n: 1_000_000) { n in
+        // What Swift users write today: a task per job, at most 4 at once (a sliding window).
+        let counter = Counter()
+        let elapsed = try await timed {
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for index in 0..<n {
+                    if index >= 4 { try await group.next() }
+                    group.addTask { counter.add(1) }
+                }
+                try await group.waitForAll()
+            }
+        }
+        try check(counter.value == n, "counter = \(counter.value), want \(n)")
+        return Measurement(elapsedNanoseconds: elapsed, extra: ["workers=4"])
+    },
+]

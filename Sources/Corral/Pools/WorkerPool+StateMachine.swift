@@ -11,11 +11,12 @@ import DequeModule
 /// |--------------------------|---------------------------------------------|--------|
 /// | `submitRequested(job)`   | shut down                                   | `.refused` |
 /// |                          | an idle worker                              | hand the job to it |
-/// |                          | room in the queue                           | enqueue (elastic: start a worker if none is idle and fewer than `max` live) |
+/// |                          | room in the queue, no submitter parked      | enqueue (elastic: start a worker if none is idle and fewer than `max` live) |
 /// |                          | otherwise                                   | the submitter parks with its job |
 /// | `workerReady(w, ended)`  | —                                           | publish the ended job's result (resume its waiters) |
 /// |                          | `w`'s job was cancelled through its handle  | `w` exits (its task is cancelled); a replacement is started if needed |
-/// |                          | a job is queued                             | run it; admit the first parked submitter into the queue |
+/// |                          | a job is queued                             | run it; at or below the low watermark (half the capacity), admit parked submitters while there is room |
+/// |                          | a submitter is parked (rendezvous pool)     | run its job; it is accepted |
 /// |                          | shut down                                   | `w` exits |
 /// |                          | otherwise                                   | `w` parks (elastic, above `min`: with an idle timer) |
 /// | `idleTimerFired(w)`      | `w` still idle and more than `min` live      | `w` exits |
@@ -95,6 +96,11 @@ struct WorkerPoolStateMachine {
     private var pendingStarts = 0
     /// Workers asked for (of the supervisor, or at `run()`) that have not started yet.
     private var startingWorkers = 0
+    /// An idle worker was handed a job and has not started it yet. While one is pending, new
+    /// jobs go to the queue rather than wake another idle worker: a worker that is running
+    /// takes them as soon as it is done, and waking a worker per job would cost a thread
+    /// wake-up per job. A woken worker wakes the next if jobs are still queued.
+    private var wakePending = false
     private var supervisor: UnsafeContinuation<SupervisorEvent, Never>?
     private var pendingSupervisorEvent: SupervisorEvent?
     private(set) var stats = WorkerPool.Stats()
@@ -124,12 +130,14 @@ struct WorkerPoolStateMachine {
             stats.refused += 1
             return .refused
         }
-        if let worker = idle.settleFirst(with: .job(job)) {
+        if !wakePending || queueCapacity == 0, let worker = idle.settleFirst(with: .job(job)) {
             stats.submitted += 1
+            wakePending = true
             start(job, on: worker.payload)
             return .accepted(worker.resumption, nil)
         }
-        if queuedCount < queueCapacity {
+        // FIFO: while submitters wait for room, newcomers wait behind them.
+        if queuedCount < queueCapacity && submitters.isEmpty {
             stats.submitted += 1
             enqueue(job)
             return .accepted(nil, startWorkerIfUseful())
@@ -147,6 +155,20 @@ struct WorkerPoolStateMachine {
 
     mutating func submitterCancelled(_ id: WaiterID) -> Resumptions<SubmitOutcome> {
         submitters.cancel(id, with: .cancelled)
+    }
+
+    /// Submitters waiting for room are let in once the queue has drained to half its capacity,
+    /// not one slot at a time: a producer faster than the workers then suspends once per half
+    /// a queue of jobs instead of once per job (the high/low watermark of NIO's backpressure).
+    var lowWatermark: Int { queueCapacity / 2 }
+
+    /// Moves waiting submitters' jobs into the queue while there is room, first come first.
+    private mutating func admitSubmitters(into resumptions: inout Resumptions<SubmitOutcome>) {
+        while queuedCount < queueCapacity, let submitter = submitters.settleFirst(with: .accepted) {
+            stats.submitted += 1
+            enqueue(submitter.payload)
+            resumptions.append(submitter.resumption)
+        }
     }
 
     private mutating func enqueue(_ job: PoolJobBase) {
@@ -253,14 +275,21 @@ struct WorkerPoolStateMachine {
             if job.isEnded { continue }  // cancelled while queued
             queuedCount -= 1
             start(job, on: workerID)
-            if let submitter = submitters.settleFirst(with: .accepted) {
-                stats.submitted += 1
-                enqueue(submitter.payload)
-                resumptions.submitters.append(submitter.resumption)
+            if queuedCount <= lowWatermark {
+                admitSubmitters(into: &resumptions.submitters)
             }
             return .run(job)
         }
+        // Nothing queued: a submitter waiting for room (a rendezvous pool) hands its job over.
+        if let submitter = submitters.settleFirst(with: .accepted) {
+            stats.submitted += 1
+            start(submitter.payload, on: workerID)
+            resumptions.submitters.append(submitter.resumption)
+            return .run(submitter.payload)
+        }
         if lifecycle != .accepting {
+            // Shut down and nothing left to run: this worker exits, and so do the idle ones.
+            releaseIdleWorkers(into: &resumptions.workers)
             return retire(workerID, replace: false, into: &resumptions)
         }
         let timeout = liveWorkers > minimumWorkers ? idleTimeout : nil
@@ -269,6 +298,25 @@ struct WorkerPoolStateMachine {
 
     mutating func workerSuspended(_ id: WaiterID, _ continuation: UnsafeContinuation<WorkerOutcome, Never>) -> Resumption<WorkerOutcome>? {
         idle.suspend(id, continuation: continuation)
+    }
+
+    /// A worker handed a job while idle is running again: let the next idle worker be woken
+    /// for the jobs still queued.
+    mutating func workerWoke() -> Resumption<WorkerOutcome>? {
+        wakePending = false
+        guard queuedCount > 0, !idle.isEmpty else { return nil }
+        while let job = queue.popFirst() {
+            if job.isEnded { continue }
+            guard let worker = idle.settleFirst(with: .job(job)) else {
+                queue.prepend(job)
+                return nil
+            }
+            queuedCount -= 1
+            wakePending = true
+            start(job, on: worker.payload)
+            return worker.resumption
+        }
+        return nil
     }
 
     /// An idle worker's timer fired: it exits if it is still idle and the pool is above `min`.
@@ -405,15 +453,27 @@ struct WorkerPoolStateMachine {
             stats.refused += 1
             resumptions.submitters.append(submitter.resumption)
         }
-        if queuedCount == 0 || lifecycle == .stopping {
-            for worker in idle.settleAll(with: .exit) {
-                liveWorkers -= 1
-                slots.removeValue(forKey: worker.payload)
-                resumptions.workers.append(worker.resumption)
-            }
+        // Idle workers drain what is queued (a graceful shutdown), then exit.
+        while !idle.isEmpty, let job = queue.popFirst() {
+            if job.isEnded { continue }
+            queuedCount -= 1
+            let worker = idle.settleFirst(with: .job(job))!
+            start(job, on: worker.payload)
+            resumptions.workers.append(worker.resumption)
         }
+        releaseIdleWorkers(into: &resumptions.workers)
         resumptions.supervisor = notifySupervisor()
         return resumptions
+    }
+
+    /// Once shut down with nothing queued, idle workers exit.
+    private mutating func releaseIdleWorkers(into resumptions: inout Resumptions<WorkerOutcome>) {
+        guard lifecycle != .accepting && queuedCount == 0 else { return }
+        for worker in idle.settleAll(with: .exit) {
+            liveWorkers -= 1
+            slots.removeValue(forKey: worker.payload)
+            resumptions.append(worker.resumption)
+        }
     }
 }
 
@@ -421,4 +481,5 @@ struct WorkerPoolStateMachine {
 struct ReadyResumptions {
     var waiters = Resumptions<Bool>()
     var submitters = Resumptions<WorkerPoolStateMachine.SubmitOutcome>()
+    var workers = Resumptions<WorkerPoolStateMachine.WorkerOutcome>()
 }

@@ -220,6 +220,7 @@ final class WorkerPoolStorage: Sendable {
             let action = state.withLock { $0.workerReady(workerID, ended: ended, into: &resumptions) }
             resumptions.waiters.resumeAll()
             resumptions.submitters.resumeAll()
+            resumptions.workers.resumeAll()
             ended = nil
             switch action {
             case .run(let job):
@@ -235,6 +236,7 @@ final class WorkerPoolStorage: Sendable {
                 if let timer { DeadlineTimer.shared.disarm(timer) }
                 switch outcome {
                 case .job(let job):
+                    state.withLock { $0.workerWoke() }?.resume()
                     ended = (job, await job.run())
                 case .exit:
                     break work

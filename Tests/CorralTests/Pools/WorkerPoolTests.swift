@@ -342,4 +342,22 @@ struct WorkerPoolTests {
             #expect(try await job.value == 3)
         }
     }
+
+    /// Regression: with a wake-up pending, idle workers can sit beside a non-empty queue; a
+    /// graceful shutdown then must still release every one of them once the queue drains.
+    @Test func gracefulShutdown_afterAFastProducer_releasesEveryWorker() async throws {
+        let pool = WorkerPool(.init(workers: .fixed(4), queueCapacity: 64))
+        let ran = Gauge()
+        try await expectNoLeakedTasks {
+            try await withErrorGroup { group in
+                try await group.addTask { try await pool.run() }
+                for _ in 0..<20_000 {
+                    _ = try await pool.submit { ran.add(1) }
+                }
+                pool.shutdown(.graceful)
+            }
+        }
+        #expect(ran.current == 20_000)
+        #expect(pool.stats.workers == 0)
+    }
 }
