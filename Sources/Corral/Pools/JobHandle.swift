@@ -1,3 +1,5 @@
+import Synchronization
+
 /// The handle of a job submitted to a ``WorkerPool``: its result, and a way to cancel it.
 ///
 /// ```swift
@@ -16,39 +18,65 @@ public struct JobHandle<Success: Sendable>: Sendable {
     /// - Throws: The job's own error; `CancellationError` when the job was cancelled (through
     ///   ``cancel()``, an immediate shutdown, or the cancellation of ``WorkerPool/run()``'s task)
     ///   and threw it, or never started; ``PoolError`` (code `.shutdown`) when an immediate
-    ///   shutdown dropped it from the queue. When the *awaiting* task is cancelled, this throws
-    ///   `CancellationError` (``TimeoutError`` when its deadline passed) and the job carries on.
+    ///   shutdown dropped it before it started. When the *awaiting* task is cancelled, this
+    ///   throws `CancellationError` (``TimeoutError`` when its deadline passed) and the job
+    ///   carries on.
     public var value: Success {
         get async throws {
             try await job.storage.result(of: job).get()
         }
     }
 
-    /// Cancels the job: a queued job is removed and never runs; a running job's task is
-    /// cancelled (the job observes `Task.isCancelled`). No effect once the job has ended.
+    /// Cancels the job: a job that has not started is removed and never runs; a running
+    /// job's task is cancelled (the job observes `Task.isCancelled`). No effect once the job
+    /// has ended.
     public func cancel() {
         job.storage.cancel(job)
     }
 }
 
-/// A job in a pool: its operation, where it is in its life, and who waits for its result.
+/// A job in a pool.
 ///
-/// Its life (`phase`) and the tasks awaiting its result (`waiters`) are guarded by the pool's
-/// lock; the typed operation and result live in ``PoolJob``.
+/// Where it is (`placement`) and who waits for its result (`waiters`) are guarded by the
+/// pool's lock. Whether it runs is decided by `claim`, an atomic, because a worker starts the
+/// jobs of its batch without taking the lock: the worker's compare-and-swap from `unclaimed`
+/// to `running` races a cancellation's (or an immediate shutdown's) from `unclaimed` to
+/// `dropped`, and exactly one wins.
 class PoolJobBase: @unchecked Sendable {
-    // @unchecked Sendable: `storage` is immutable; `phase` and `waiters` are read and written
-    // only with the owning pool's lock (`storage.state`) held.
-    enum Phase {
-        /// In the queue. A queued job that is cancelled through its handle ends at once and
-        /// stays in the queue as a tombstone, skipped when it is popped.
+    // @unchecked Sendable: `storage` is immutable; `claim` is atomic; `placement` and
+    // `waiters` are read and written only with the owning pool's lock (`storage.state`) held;
+    // `recordedEnd` is written by the one worker that won `claim`, before it takes that lock
+    // to report, and read under the lock after that report.
+    enum Placement {
+        /// In the pool's queue. A job cancelled there ends at once and stays in the queue as
+        /// a tombstone until popped.
         case queued
-        case running(workerID: Int)
+        /// Taken by a worker, in its batch (it may have started: see `claim`).
+        case assigned(PoolWorker)
         case ended(JobEnd)
     }
 
+    /// `claim` values.
+    enum Claim {
+        static let unclaimed: UInt8 = 0
+        /// A worker started it.
+        static let running: UInt8 = 1
+        /// It ended without running (cancelled before it started, or rejected).
+        static let dropped: UInt8 = 2
+        /// It ran to its end.
+        static let ran: UInt8 = 3
+        /// It is running, and a cancellation is cancelling its worker's task.
+        static let cancelling: UInt8 = 4
+    }
+
     let storage: WorkerPoolStorage
-    var phase = Phase.queued
+    let claim = Atomic<UInt8>(Claim.unclaimed)
+    var placement = Placement.queued
     var waiters = WaiterQueue<Void, Bool>()
+    /// How the job ended when it ran: written by its worker before `markRan` (or before the
+    /// cancellation that marked it `cancelling` is reported), read under the lock after the
+    /// worker has reported its batch.
+    var recordedEnd = JobEnd.completed
 
     init(storage: WorkerPoolStorage) {
         self.storage = storage
@@ -62,8 +90,29 @@ class PoolJobBase: @unchecked Sendable {
     func endWithoutRunning(_ error: any Error) { preconditionFailure("PoolJobBase.endWithoutRunning is abstract") }
 
     var isEnded: Bool {
-        if case .ended = phase { return true }
+        if case .ended = placement { return true }
         return false
+    }
+
+    /// A worker may start the job (it was not dropped).
+    func claimForRunning() -> Bool {
+        claim.compareExchange(expected: Claim.unclaimed, desired: Claim.running, ordering: .acquiring).exchanged
+    }
+
+    /// Keeps the job from ever starting; `false` if a worker started it first.
+    func claimForDropping() -> Bool {
+        claim.compareExchange(expected: Claim.unclaimed, desired: Claim.dropped, ordering: .acquiring).exchanged
+    }
+
+    /// The job ran to its end; `false` if a cancellation is cancelling its worker's task (the
+    /// worker must then retire).
+    func markRan() -> Bool {
+        claim.compareExchange(expected: Claim.running, desired: Claim.ran, ordering: .acquiringAndReleasing).exchanged
+    }
+
+    /// A cancellation may cancel the task running the job; `false` if it is not running.
+    func claimForCancellingItsTask() -> Bool {
+        claim.compareExchange(expected: Claim.running, desired: Claim.cancelling, ordering: .acquiringAndReleasing).exchanged
     }
 }
 
@@ -77,9 +126,10 @@ enum JobEnd: Sendable {
 
 /// A job with its typed operation and result.
 final class PoolJob<Success: Sendable>: PoolJobBase, @unchecked Sendable {
-    // @unchecked Sendable: `operation` is read once, by the worker that runs the job;
+    // @unchecked Sendable: `operation` is read once, by the worker that won `claim`;
     // `result` is written once — by that worker before it publishes the end under the pool's
-    // lock, or under the lock for a job that never ran — and read only after that publication.
+    // lock, or under the lock for a job that never ran — and read only after that
+    // publication.
     private let operation: @isolated(any) () async throws -> Success
     private var result: Result<Success, any Error>?
 
@@ -107,4 +157,19 @@ final class PoolJob<Success: Sendable>: PoolJobBase, @unchecked Sendable {
         guard let result else { preconditionFailure("PoolJob: result read before the job ended") }
         return result
     }
+}
+
+/// One worker of a pool. Guarded by the pool's lock, except `batch`'s jobs' `claim`.
+final class PoolWorker: @unchecked Sendable {
+    // @unchecked Sendable: every stored property is read and written only with the owning
+    // pool's lock held.
+    /// The worker's task, to cancel the job it runs; valid while the worker has not exited
+    /// (it waits for `cancelsInFlight` to reach zero before it does).
+    var task: UnsafeCurrentTask?
+    /// The jobs taken from the queue in its last batch, not yet reported.
+    var batch: [PoolJobBase] = []
+    var cancelsInFlight = 0
+    /// A job of this worker's is being cancelled: its task is (being) cancelled for good, so
+    /// the worker retires after that job.
+    var mustRetire = false
 }

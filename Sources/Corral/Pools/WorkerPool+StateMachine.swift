@@ -3,27 +3,34 @@ import DequeModule
 /// The state of a ``WorkerPool``: its workers, its queue, the submitters waiting for room,
 /// its lifecycle and its counters. All of it behind the pool's one lock.
 ///
-/// Lifecycle: `accepting` → (`shutdown(.graceful)`) `draining` → `finished`, or
-/// (`shutdown(.immediate)`, or `run()`'s task cancelled) `stopping` → `finished`. `run()`
-/// returns once the pool is shut down and its last worker has exited.
+/// Lifecycle: `accepting` → (`shutdown(.graceful)`) `draining`, or (`shutdown(.immediate)`,
+/// or `run()`'s task cancelled) `stopping`. `run()` returns once the pool is shut down and its
+/// last worker has exited.
+///
+/// Workers take jobs in *batches*: up to `maximumBatch`, and no more than their fair share
+/// of the queue (`queued / workers`), so that with short jobs a worker takes the lock once per
+/// batch rather than once per job, and with a short queue the jobs still spread over every
+/// worker. A worker starts each job of its batch by winning the job's atomic `claim`, which a
+/// cancellation or an immediate shutdown may win first (the job then never starts).
 ///
 /// | event                    | condition                                   | effect |
 /// |--------------------------|---------------------------------------------|--------|
 /// | `submitRequested(job)`   | shut down                                   | `.refused` |
-/// |                          | an idle worker                              | hand the job to it |
+/// |                          | an idle worker, no wake-up pending (or a rendezvous pool) | hand the job to it |
 /// |                          | room in the queue, no submitter parked      | enqueue (elastic: start a worker if none is idle and fewer than `max` live) |
-/// |                          | otherwise                                   | the submitter parks with its job |
-/// | `workerReady(w, ended)`  | —                                           | publish the ended job's result (resume its waiters) |
-/// |                          | `w`'s job was cancelled through its handle  | `w` exits (its task is cancelled); a replacement is started if needed |
-/// |                          | a job is queued                             | run it; at or below the low watermark (half the capacity), admit parked submitters while there is room |
-/// |                          | a submitter is parked (rendezvous pool)     | run its job; it is accepted |
-/// |                          | shut down                                   | `w` exits |
+/// |                          | otherwise                                   | the submitter parks with its job (`trySubmit`: `.queueFull`) |
+/// | `workerReady(w)`         | —                                           | report `w`'s last batch: publish each result that ran, put back any it did not start |
+/// |                          | a job of `w`'s is being cancelled           | `w` retires (its task is cancelled); a replacement starts if needed |
+/// |                          | jobs are queued                             | take a batch; at or below the low watermark (half the capacity), admit parked submitters while there is room |
+/// |                          | a submitter is parked (rendezvous pool)     | take its job; it is accepted |
+/// |                          | shut down                                   | `w` exits, and so do the idle workers |
 /// |                          | otherwise                                   | `w` parks (elastic, above `min`: with an idle timer) |
-/// | `idleTimerFired(w)`      | `w` still idle and more than `min` live      | `w` exits |
-/// | `cancelJob(j)`           | queued                                      | tombstone it, end it with `CancellationError` |
-/// |                          | running on `w`                              | mark `w`, cancel `w`'s task (outside the lock) |
-/// | `shutdown(.graceful)`    | accepting                                   | draining; parked submitters refused; idle workers exit if the queue is empty |
-/// | `shutdown(.immediate)`   | not stopping                                | stopping; queued jobs rejected; parked submitters refused; idle workers exit; the supervisor cancels the workers |
+/// | `idleTimerFired(w)`      | `w` still idle, more than `min` live         | `w` exits |
+/// | `cancelRequested(j)`     | queued                                      | end it (cancelled), tombstone in the queue |
+/// |                          | in a batch, not started                     | win its claim, end it (cancelled) |
+/// |                          | running                                     | mark its worker; cancel the worker's task (outside the lock) |
+/// | `shutdown(.graceful)`    | accepting                                   | draining; parked submitters refused; idle workers take queued jobs or exit |
+/// | `shutdown(.immediate)`   | not stopping                                | stopping; queued and not-started batch jobs rejected; parked submitters refused; idle workers exit; the supervisor cancels the workers |
 ///
 /// Accounting: a job accepted (`submitted`) ends exactly once, as completed, failed,
 /// cancelled or rejected, when its end is published here.
@@ -35,7 +42,7 @@ struct WorkerPoolStateMachine {
     }
 
     enum WorkerOutcome: Sendable {
-        case job(PoolJobBase)
+        case batch([PoolJobBase])
         case exit
     }
 
@@ -62,18 +69,13 @@ struct WorkerPoolStateMachine {
     }
 
     enum WorkerAction {
-        case run(PoolJobBase)
+        case run([PoolJobBase])
         case park(WaiterID, idleTimeout: Duration?)
         case exit
     }
 
-    struct WorkerSlot {
-        /// The worker's task, to cancel the job it runs; valid while the worker has not exited.
-        var task: UnsafeCurrentTask?
-        var job: PoolJobBase?
-        var cancelRequested = false
-        var cancelsInFlight = 0
-    }
+    /// The most jobs a worker takes at once.
+    static let maximumBatch = 16
 
     let name: String
     let minimumWorkers: Int
@@ -84,22 +86,22 @@ struct WorkerPoolStateMachine {
     private(set) var lifecycle = Lifecycle.accepting
     private(set) var isRunning = false
     private(set) var queue = Deque<PoolJobBase>()
-    /// Jobs in `queue` that are not tombstones.
+    /// Jobs in `queue` that have not ended (tombstones excluded).
     private(set) var queuedCount = 0
-    private(set) var idle = WaiterQueue<Int, WorkerOutcome>()
+    private(set) var idle = WaiterQueue<PoolWorker, WorkerOutcome>()
     private(set) var submitters = WaiterQueue<PoolJobBase, SubmitOutcome>()
-    private(set) var slots: [Int: WorkerSlot] = [:]
-    /// Workers started or about to be (asked of the supervisor) and not exited.
+    /// Started workers that have not exited, for an immediate shutdown to reach their batches.
+    private var workers: [ObjectIdentifier: PoolWorker] = [:]
+    /// Workers started or about to be (asked of the supervisor) and not retired.
     private(set) var liveWorkers = 0
-    private var nextWorkerID = 0
     /// Workers the supervisor must start, not yet asked.
     private var pendingStarts = 0
     /// Workers asked for (of the supervisor, or at `run()`) that have not started yet.
     private var startingWorkers = 0
     /// An idle worker was handed a job and has not started it yet. While one is pending, new
-    /// jobs go to the queue rather than wake another idle worker: a worker that is running
-    /// takes them as soon as it is done, and waking a worker per job would cost a thread
-    /// wake-up per job. A woken worker wakes the next if jobs are still queued.
+    /// jobs go to the queue rather than wake another idle worker: a running worker takes them
+    /// as soon as it is done, where waking a worker per job would cost a thread wake-up per
+    /// job. A woken worker wakes the next if jobs are still queued.
     private var wakePending = false
     private var supervisor: UnsafeContinuation<SupervisorEvent, Never>?
     private var pendingSupervisorEvent: SupervisorEvent?
@@ -117,11 +119,16 @@ struct WorkerPoolStateMachine {
 
     var snapshot: WorkerPool.Stats {
         var stats = self.stats
-        stats.workers = slots.count
+        stats.workers = workers.count
         stats.idle = idle.count
         stats.queued = queuedCount
         return stats
     }
+
+    /// Submitters waiting for room are let in once the queue has drained to half its capacity,
+    /// not one slot at a time: a producer faster than the workers then suspends once per half
+    /// a queue of jobs instead of once per job (the high/low watermark of NIO's backpressure).
+    var lowWatermark: Int { queueCapacity / 2 }
 
     // MARK: Submitting
 
@@ -130,10 +137,10 @@ struct WorkerPoolStateMachine {
             stats.refused += 1
             return .refused
         }
-        if !wakePending || queueCapacity == 0, let worker = idle.settleFirst(with: .job(job)) {
+        if !wakePending || queueCapacity == 0, let worker = idle.settleFirst(with: .batch([job])) {
             stats.submitted += 1
             wakePending = true
-            start(job, on: worker.payload)
+            assign([job], to: worker.payload)
             return .accepted(worker.resumption, nil)
         }
         // FIFO: while submitters wait for room, newcomers wait behind them.
@@ -157,10 +164,19 @@ struct WorkerPoolStateMachine {
         submitters.cancel(id, with: .cancelled)
     }
 
-    /// Submitters waiting for room are let in once the queue has drained to half its capacity,
-    /// not one slot at a time: a producer faster than the workers then suspends once per half
-    /// a queue of jobs instead of once per job (the high/low watermark of NIO's backpressure).
-    var lowWatermark: Int { queueCapacity / 2 }
+    private mutating func enqueue(_ job: PoolJobBase) {
+        job.placement = .queued
+        queue.append(job)
+        queuedCount += 1
+        stats.peakQueued = max(stats.peakQueued, queuedCount)
+    }
+
+    private mutating func assign(_ jobs: [PoolJobBase], to worker: PoolWorker) {
+        for job in jobs { job.placement = .assigned(worker) }
+        worker.batch = jobs
+        stats.busy += 1
+        stats.peakBusy = max(stats.peakBusy, stats.busy)
+    }
 
     /// Moves waiting submitters' jobs into the queue while there is room, first come first.
     private mutating func admitSubmitters(into resumptions: inout Resumptions<SubmitOutcome>) {
@@ -169,20 +185,6 @@ struct WorkerPoolStateMachine {
             enqueue(submitter.payload)
             resumptions.append(submitter.resumption)
         }
-    }
-
-    private mutating func enqueue(_ job: PoolJobBase) {
-        job.phase = .queued
-        queue.append(job)
-        queuedCount += 1
-        stats.peakQueued = max(stats.peakQueued, queuedCount)
-    }
-
-    private mutating func start(_ job: PoolJobBase, on workerID: Int) {
-        job.phase = .running(workerID: workerID)
-        slots[workerID, default: WorkerSlot()].job = job
-        stats.busy += 1
-        stats.peakBusy = max(stats.peakBusy, stats.busy)
     }
 
     /// Elastic pools: a job was queued and no worker is idle — start one if below `max` and
@@ -214,7 +216,7 @@ struct WorkerPoolStateMachine {
         return initial
     }
 
-    /// `run()` has started its first workers and waits: the event to act on now, if any.
+    /// `run()` waits for something to do: the event to act on now, if any.
     mutating func supervisorWaits(_ continuation: UnsafeContinuation<SupervisorEvent, Never>) -> Resumption<SupervisorEvent>? {
         if let event = takeSupervisorEvent() {
             return Resumption(continuation, event)
@@ -232,7 +234,7 @@ struct WorkerPoolStateMachine {
             defer { pendingStarts = 0 }
             return .startWorkers(pendingStarts)
         }
-        if lifecycle != .accepting && liveWorkers == 0 {
+        if lifecycle != .accepting && liveWorkers == 0 && workers.isEmpty {
             return .finished
         }
         return nil
@@ -246,54 +248,80 @@ struct WorkerPoolStateMachine {
 
     // MARK: Workers
 
-    mutating func workerStarted(_ workerID: Int, task: UnsafeCurrentTask?) {
-        slots[workerID, default: WorkerSlot()].task = task
+    mutating func workerStarted(_ worker: PoolWorker, task: UnsafeCurrentTask?) {
+        worker.task = task
+        workers[ObjectIdentifier(worker)] = worker
         startingWorkers -= 1
     }
 
-    mutating func makeWorkerID() -> Int {
-        nextWorkerID += 1
-        return nextWorkerID
-    }
-
-    /// A worker finished `ended` (if any) and wants its next job.
-    mutating func workerReady(
-        _ workerID: Int,
-        ended: (job: PoolJobBase, end: JobEnd)?,
-        into resumptions: inout ReadyResumptions
-    ) -> WorkerAction {
-        if let (job, end) = ended {
-            slots[workerID]?.job = nil
-            stats.busy -= 1
-            finish(job, end, into: &resumptions.waiters)
-            if slots[workerID]?.cancelRequested == true {
-                // Its task is cancelled for good: this worker retires, a fresh one replaces it.
-                return retire(workerID, replace: true, into: &resumptions)
+    /// A worker reports its last batch and wants the next.
+    mutating func workerReady(_ worker: PoolWorker, into resumptions: inout ReadyResumptions) -> WorkerAction {
+        if !worker.batch.isEmpty {
+            report(worker, into: &resumptions)
+            if worker.mustRetire {
+                // A job's cancellation cancelled this worker's task for good.
+                return retire(replace: true, into: &resumptions)
             }
         }
-        while let job = queue.popFirst() {
-            if job.isEnded { continue }  // cancelled while queued
-            queuedCount -= 1
-            start(job, on: workerID)
-            if queuedCount <= lowWatermark {
-                admitSubmitters(into: &resumptions.submitters)
+        if queuedCount > 0 {
+            let share = queuedCount / max(1, liveWorkers)
+            var batch: [PoolJobBase] = []
+            batch.reserveCapacity(max(1, min(Self.maximumBatch, share)))
+            while batch.count < max(1, min(Self.maximumBatch, share)), let job = queue.popFirst() {
+                if job.isEnded { continue }  // cancelled while queued
+                queuedCount -= 1
+                batch.append(job)
             }
-            return .run(job)
+            if !batch.isEmpty {
+                if queuedCount <= lowWatermark {
+                    admitSubmitters(into: &resumptions.submitters)
+                }
+                assign(batch, to: worker)
+                return .run(batch)
+            }
         }
         // Nothing queued: a submitter waiting for room (a rendezvous pool) hands its job over.
         if let submitter = submitters.settleFirst(with: .accepted) {
             stats.submitted += 1
-            start(submitter.payload, on: workerID)
             resumptions.submitters.append(submitter.resumption)
-            return .run(submitter.payload)
+            assign([submitter.payload], to: worker)
+            return .run([submitter.payload])
         }
         if lifecycle != .accepting {
             // Shut down and nothing left to run: this worker exits, and so do the idle ones.
             releaseIdleWorkers(into: &resumptions.workers)
-            return retire(workerID, replace: false, into: &resumptions)
+            return retire(replace: false, into: &resumptions)
         }
         let timeout = liveWorkers > minimumWorkers ? idleTimeout : nil
-        return .park(idle.enqueue(workerID), idleTimeout: timeout)
+        return .park(idle.enqueue(worker), idleTimeout: timeout)
+    }
+
+    /// Publishes the results of the jobs `worker` ran, and puts back those it did not start.
+    /// The reported jobs are moved to `resumptions.released`, to be released (and most likely
+    /// deallocated) after the lock.
+    private mutating func report(_ worker: PoolWorker, into resumptions: inout ReadyResumptions) {
+        var putBack = 0
+        for job in worker.batch {
+            switch job.claim.load(ordering: .acquiring) {
+            case PoolJobBase.Claim.ran, PoolJobBase.Claim.cancelling:
+                finish(job, job.recordedEnd, into: &resumptions.waiters)
+            case PoolJobBase.Claim.unclaimed:
+                putBack += 1
+            default:
+                break  // dropped: ended by a cancellation or an immediate shutdown
+            }
+        }
+        stats.busy -= 1
+        if putBack > 0 {
+            // The worker retires before starting these: back to the head of the queue, in order.
+            for job in worker.batch.reversed() where job.claim.load(ordering: .relaxed) == PoolJobBase.Claim.unclaimed {
+                job.placement = .queued
+                queue.prepend(job)
+                queuedCount += 1
+            }
+            if let woken = wakeIdleWorker() { resumptions.workers.append(woken) }
+        }
+        swap(&worker.batch, &resumptions.released)
     }
 
     mutating func workerSuspended(_ id: WaiterID, _ continuation: UnsafeContinuation<WorkerOutcome, Never>) -> Resumption<WorkerOutcome>? {
@@ -304,16 +332,19 @@ struct WorkerPoolStateMachine {
     /// for the jobs still queued.
     mutating func workerWoke() -> Resumption<WorkerOutcome>? {
         wakePending = false
-        guard queuedCount > 0, !idle.isEmpty else { return nil }
+        return wakeIdleWorker()
+    }
+
+    private mutating func wakeIdleWorker() -> Resumption<WorkerOutcome>? {
+        guard !wakePending, !idle.isEmpty else { return nil }
         while let job = queue.popFirst() {
             if job.isEnded { continue }
-            guard let worker = idle.settleFirst(with: .job(job)) else {
-                queue.prepend(job)
-                return nil
-            }
             queuedCount -= 1
+            guard let worker = idle.settleFirst(with: .batch([job])) else {
+                preconditionFailure("WorkerPool: idle worker vanished under the lock")
+            }
             wakePending = true
-            start(job, on: worker.payload)
+            assign([job], to: worker.payload)
             return worker.resumption
         }
         return nil
@@ -323,45 +354,54 @@ struct WorkerPoolStateMachine {
     mutating func idleTimerFired(_ id: WaiterID) -> Resumption<WorkerOutcome>? {
         guard liveWorkers > minimumWorkers, let left = idle.settle(id, with: .exit) else { return nil }
         liveWorkers -= 1
-        slots.removeValue(forKey: left.payload)
         return left.resumption
     }
 
-    /// An idle worker's task was cancelled (run()'s task was cancelled): it exits.
+    /// An idle worker's task was cancelled (`run()`'s task was cancelled): it exits.
     mutating func idleWorkerCancelled(_ id: WaiterID) -> Resumptions<WorkerOutcome> {
         var resumptions = Resumptions<WorkerOutcome>()
         if let left = idle.settle(id, with: .exit) {
             liveWorkers -= 1
-            slots.removeValue(forKey: left.payload)
             resumptions.append(left.resumption)
         }
         return resumptions
     }
 
-    /// Whether a job cancellation is still cancelling this worker's task (it must not exit,
-    /// which would free the task, until that is done).
-    func hasCancelsInFlight(_ workerID: Int) -> Bool {
-        (slots[workerID]?.cancelsInFlight ?? 0) > 0
+    /// A job cancellation is still cancelling this worker's task: it must not exit yet
+    /// (that would free the task).
+    func hasCancelsInFlight(_ worker: PoolWorker) -> Bool {
+        worker.cancelsInFlight > 0
     }
 
-    /// The worker has exited (its slot is removed once no cancellation is in flight).
-    mutating func workerExited(_ workerID: Int) -> Resumption<SupervisorEvent>? {
-        slots.removeValue(forKey: workerID)
+    /// The worker's task is about to end.
+    mutating func workerExited(_ worker: PoolWorker) -> Resumption<SupervisorEvent>? {
+        workers.removeValue(forKey: ObjectIdentifier(worker))
+        worker.task = nil
         return notifySupervisor()
     }
 
-    private mutating func retire(_ workerID: Int, replace: Bool, into resumptions: inout ReadyResumptions) -> WorkerAction {
+    private mutating func retire(replace: Bool, into resumptions: inout ReadyResumptions) -> WorkerAction {
         liveWorkers -= 1
         if replace && lifecycle != .stopping && (liveWorkers < minimumWorkers || queuedCount > 0) && liveWorkers < maximumWorkers {
             requestWorker()
+            resumptions.supervisor = notifySupervisor()
         }
         return .exit
+    }
+
+    /// Once shut down with nothing queued, idle workers exit.
+    private mutating func releaseIdleWorkers(into resumptions: inout Resumptions<WorkerOutcome>) {
+        guard lifecycle != .accepting && queuedCount == 0 else { return }
+        for worker in idle.settleAll(with: .exit) {
+            liveWorkers -= 1
+            resumptions.append(worker.resumption)
+        }
     }
 
     // MARK: Jobs
 
     private mutating func finish(_ job: PoolJobBase, _ end: JobEnd, into waiters: inout Resumptions<Bool>) {
-        job.phase = .ended(end)
+        job.placement = .ended(end)
         switch end {
         case .completed: stats.completed += 1
         case .failed: stats.failed += 1
@@ -371,6 +411,12 @@ struct WorkerPoolStateMachine {
         for waiter in job.waiters.settleAll(with: true) {
             waiters.append(waiter.resumption)
         }
+    }
+
+    /// Ends a job that will never run.
+    private mutating func drop(_ job: PoolJobBase, _ end: JobEnd, error: any Error, into waiters: inout Resumptions<Bool>) {
+        job.endWithoutRunning(error)
+        finish(job, end, into: &waiters)
     }
 
     /// `value` asks for the result: `nil` when the job has ended (read it), or the id to
@@ -389,34 +435,37 @@ struct WorkerPoolStateMachine {
 
     enum CancelAction {
         case none
-        /// Ended in the queue: resume these waiters.
+        /// Ended before it started: resume these waiters.
         case ended(Resumptions<Bool>)
         /// Running: cancel this task, then report with `jobCancelDelivered`.
-        case cancelTask(UnsafeCurrentTask, workerID: Int)
+        case cancelTask(UnsafeCurrentTask, PoolWorker)
     }
 
     mutating func cancelRequested(_ job: PoolJobBase) -> CancelAction {
-        switch job.phase {
+        var waiters = Resumptions<Bool>()
+        switch job.placement {
         case .queued:
-            // Ends now; stays in the queue as a tombstone until a worker pops it.
+            // Ends now; stays in the queue as a tombstone until popped.
+            _ = job.claimForDropping()
             queuedCount -= 1
-            job.endWithoutRunning(CancellationError())
-            var waiters = Resumptions<Bool>()
-            finish(job, .cancelled, into: &waiters)
+            drop(job, .cancelled, error: CancellationError(), into: &waiters)
             return .ended(waiters)
-        case .running(let workerID):
-            guard var slot = slots[workerID], let task = slot.task, !slot.cancelRequested else { return .none }
-            slot.cancelRequested = true
-            slot.cancelsInFlight += 1
-            slots[workerID] = slot
-            return .cancelTask(task, workerID: workerID)
+        case .assigned(let worker):
+            if job.claimForDropping() {
+                drop(job, .cancelled, error: CancellationError(), into: &waiters)
+                return .ended(waiters)
+            }
+            guard job.claimForCancellingItsTask(), let task = worker.task else { return .none }
+            worker.mustRetire = true
+            worker.cancelsInFlight += 1
+            return .cancelTask(task, worker)
         case .ended:
             return .none
         }
     }
 
-    mutating func jobCancelDelivered(workerID: Int) {
-        slots[workerID]?.cancelsInFlight -= 1
+    mutating func jobCancelDelivered(_ worker: PoolWorker) {
+        worker.cancelsInFlight -= 1
     }
 
     // MARK: Shutdown
@@ -437,11 +486,17 @@ struct WorkerPoolStateMachine {
             lifecycle = .draining
         case (_, true):
             lifecycle = .stopping
+            let rejection = PoolError.shutdown(pool: name)
             while let job = queue.popFirst() {
                 if job.isEnded { continue }  // cancelled while queued
+                _ = job.claimForDropping()
                 queuedCount -= 1
-                job.endWithoutRunning(PoolError.shutdown(pool: name))
-                finish(job, .rejected, into: &resumptions.waiters)
+                drop(job, .rejected, error: rejection, into: &resumptions.waiters)
+            }
+            for worker in workers.values {
+                for job in worker.batch where !job.isEnded && job.claimForDropping() {
+                    drop(job, .rejected, error: rejection, into: &resumptions.waiters)
+                }
             }
             // Workers asked for but not started are not needed any more.
             liveWorkers -= pendingStarts
@@ -457,23 +512,13 @@ struct WorkerPoolStateMachine {
         while !idle.isEmpty, let job = queue.popFirst() {
             if job.isEnded { continue }
             queuedCount -= 1
-            let worker = idle.settleFirst(with: .job(job))!
-            start(job, on: worker.payload)
+            guard let worker = idle.settleFirst(with: .batch([job])) else { break }
+            assign([job], to: worker.payload)
             resumptions.workers.append(worker.resumption)
         }
         releaseIdleWorkers(into: &resumptions.workers)
         resumptions.supervisor = notifySupervisor()
         return resumptions
-    }
-
-    /// Once shut down with nothing queued, idle workers exit.
-    private mutating func releaseIdleWorkers(into resumptions: inout Resumptions<WorkerOutcome>) {
-        guard lifecycle != .accepting && queuedCount == 0 else { return }
-        for worker in idle.settleAll(with: .exit) {
-            liveWorkers -= 1
-            slots.removeValue(forKey: worker.payload)
-            resumptions.append(worker.resumption)
-        }
     }
 }
 
@@ -482,4 +527,7 @@ struct ReadyResumptions {
     var waiters = Resumptions<Bool>()
     var submitters = Resumptions<WorkerPoolStateMachine.SubmitOutcome>()
     var workers = Resumptions<WorkerPoolStateMachine.WorkerOutcome>()
+    var supervisor: Resumption<WorkerPoolStateMachine.SupervisorEvent>?
+    /// The reported batch: released after the lock, since releasing may deallocate the jobs.
+    var released: [PoolJobBase] = []
 }

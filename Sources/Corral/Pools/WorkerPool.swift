@@ -75,11 +75,11 @@ public final class WorkerPool: Sendable {
             var toStart = initial
             while true {
                 for _ in 0..<toStart {
-                    let workerID = storage.state.withLock { $0.makeWorkerID() }
+                    let worker = PoolWorker()
                     let entry = LedgerEntry(kind: "WorkerPool", name: storage.name)
                     group.addTask {
                         defer { entry.close() }
-                        await storage.runWorker(workerID)
+                        await storage.runWorker(worker)
                     }
                 }
                 toStart = 0
@@ -209,22 +209,23 @@ final class WorkerPoolStorage: Sendable {
         }
     }
 
-    /// One worker: takes jobs until the pool no longer needs it.
-    func runWorker(_ workerID: Int) async {
+    /// One worker: takes batches of jobs until the pool no longer needs it.
+    func runWorker(_ worker: PoolWorker) async {
         withUnsafeCurrentTask { task in
-            state.withLock { $0.workerStarted(workerID, task: task) }
+            state.withLock { $0.workerStarted(worker, task: task) }
         }
-        var ended: (job: PoolJobBase, end: JobEnd)?
+        var jobs: [PoolJobBase] = []
         work: while true {
+            jobs = []  // let the state machine reuse the batch's storage
             var resumptions = ReadyResumptions()
-            let action = state.withLock { $0.workerReady(workerID, ended: ended, into: &resumptions) }
+            let action = state.withLock { $0.workerReady(worker, into: &resumptions) }
             resumptions.waiters.resumeAll()
             resumptions.submitters.resumeAll()
             resumptions.workers.resumeAll()
-            ended = nil
+            resumptions.supervisor?.resume()
             switch action {
-            case .run(let job):
-                ended = (job, await job.run())
+            case .run(let batch):
+                jobs = batch
             case .park(let id, let idleTimeout):
                 let timer = idleTimeout.map { IdleTimerScope(deadline: .now + $0, storage: self, waiter: id) }
                 if let timer { DeadlineTimer.shared.arm(timer) }
@@ -235,22 +236,28 @@ final class WorkerPoolStorage: Sendable {
                 }
                 if let timer { DeadlineTimer.shared.disarm(timer) }
                 switch outcome {
-                case .job(let job):
+                case .batch(let batch):
                     state.withLock { $0.workerWoke() }?.resume()
-                    ended = (job, await job.run())
+                    jobs = batch
                 case .exit:
                     break work
                 }
             case .exit:
                 break work
             }
+            for job in jobs {
+                guard job.claimForRunning() else { continue }  // cancelled or rejected meanwhile
+                job.recordedEnd = await job.run()
+                // A cancellation is cancelling this worker's task: report, then retire.
+                if !job.markRan() { break }
+            }
         }
         // A job cancellation may still be cancelling this task: wait for it before the task
         // ends (cancelling an ended task would touch freed memory). Rare and brief.
-        while state.withLock({ $0.hasCancelsInFlight(workerID) }) {
+        while state.withLock({ $0.hasCancelsInFlight(worker) }) {
             sched_yield()
         }
-        state.withLock { $0.workerExited(workerID) }?.resume()
+        state.withLock { $0.workerExited(worker) }?.resume()
     }
 
     func shutdown(immediate: Bool) {
@@ -282,9 +289,9 @@ final class WorkerPoolStorage: Sendable {
             return
         case .ended(let waiters):
             waiters.resumeAll()
-        case .cancelTask(let task, let workerID):
+        case .cancelTask(let task, let worker):
             task.cancel()
-            state.withLock { $0.jobCancelDelivered(workerID: workerID) }
+            state.withLock { $0.jobCancelDelivered(worker) }
         }
     }
 }
