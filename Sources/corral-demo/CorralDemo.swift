@@ -7,18 +7,45 @@ import Glibc
 import Darwin
 #endif
 
-/// `swift run corral-demo`: a tiered API-quota client built from Corral's primitives.
+/// `swift run corral-demo`: Corral's scenarios, each checking its own accounting.
+@main
+struct CorralDemo: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "corral-demo",
+        abstract: "Runs Corral's demo scenarios: a tiered API-quota client and a worker pool under load.",
+        discussion: """
+            With no subcommand, runs every scenario with its defaults. Press Ctrl-C during the             pool scenario to shut the pool down gracefully: the final accounting still covers             every job.
+            """,
+        subcommands: [Everything.self, QuotaScenario.self, PoolScenario.self],
+        defaultSubcommand: Everything.self
+    )
+}
+
+/// Every scenario, one after the other, with its defaults.
+struct Everything: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "all",
+        abstract: "Runs every scenario with its defaults (the default)."
+    )
+
+    func run() async throws {
+        try await QuotaScenario.parse([]).run()
+        print()
+        try await PoolScenario.parse([]).run()
+    }
+}
+
+/// A tiered API-quota client built from Corral's primitives.
 ///
 /// A producer puts requests on a bounded channel (backpressure: it waits when the workers
 /// fall behind); workers take them off, pass a rate limiter, take 10 permits (light call)
 /// or 50 permits (heavy call) of a 100-permit quota semaphore, and call a simulated
 /// downstream API under a per-call timeout. At the end it prints what happened, and checks
 /// that every request is accounted for and the quota was never exceeded.
-@main
-struct CorralDemo: AsyncParsableCommand {
+struct QuotaScenario: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "corral-demo",
-        abstract: "Runs a tiered API-quota client on Corral's semaphore, channel, rate limiter and timeouts.",
+        commandName: "quota",
+        abstract: "A tiered API-quota client on Corral's semaphore, channel, rate limiter and timeouts.",
         discussion: """
             Light calls cost 10 permits and heavy calls 50 of a 100-permit quota; every call \
             runs under a timeout, behind a token-bucket rate limiter. The report shows calls \
@@ -63,7 +90,7 @@ struct CorralDemo: AsyncParsableCommand {
         let report = Report()
         let plan = makePlan()
 
-        print("corral-demo: \(calls) calls (\(plan.filter(\.isHeavy).count) heavy), \(workers) workers, quota 100 permits, \(rate)/s, timeout \(timeoutMs) ms")
+        print("== quota: \(calls) calls (\(plan.filter(\.isHeavy).count) heavy), \(workers) workers, quota 100 permits, \(rate)/s, timeout \(timeoutMs) ms")
         let clock = ContinuousClock()
         let start = clock.now
         // One error group runs the producer and the workers: the first error (a bug, not a
