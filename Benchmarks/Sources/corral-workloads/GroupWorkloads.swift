@@ -131,6 +131,39 @@ let poolWorkloads: [Workload] = [
         try check(stats.completed == n && stats.unfinished == 0, "stats \(stats)")
         return Measurement(elapsedNanoseconds: elapsed, extra: ["workers=4", "queue=1024"])
     },
+    // Not in WORKLOADS.md: an elastic pool under bursts, its worker count sampled over time.
+    // op = one job (a 200 µs sleep); 3 bursts of n/3 jobs, 150 ms apart.
+    Workload(name: "pool.elastic_burst", impl: "corral", n: 3_000) { n in
+        let pool = WorkerPool(.init(workers: .elastic(min: 1, max: 8, idleTimeout: .milliseconds(30)), queueCapacity: 256, name: "bursty"))
+        let samples = SampleLog()
+        let done = Counter()
+        let elapsed = try await timed {
+            try await withErrorGroup { group in
+                try await group.addTask { try await pool.run() }
+                try await group.addTask {
+                    while done.value == 0 {
+                        samples.append(pool.stats.workers)
+                        try await Task.sleep(for: .milliseconds(10))
+                    }
+                }
+                for burst in 0..<3 {
+                    for _ in 0..<(n / 3) {
+                        _ = try await pool.submit { try await Task.sleep(for: .microseconds(200)) }
+                    }
+                    if burst < 2 { try await Task.sleep(for: .milliseconds(150)) }
+                }
+                try await Task.sleep(for: .milliseconds(100))  // let it shrink back
+                done.add(1)
+                pool.shutdown(.graceful)
+            }
+        }
+        let stats = pool.stats
+        try check(stats.completed == n / 3 * 3 && stats.unfinished == 0, "stats \(stats)")
+        return Measurement(elapsedNanoseconds: elapsed, extra: [
+            "min=1", "max=8", "idle_timeout_ms=30", "peak_busy=\(stats.peakBusy)",
+            "workers_every_10ms=\(samples.all.map(String.init).joined(separator: ","))",
+        ])
+    },
     Workload(name: "pool.throughput", impl: "taskgroup", n: 1_000_000) { n in
         // What Swift users write today: a task per job, at most 4 at once (a sliding window).
         let counter = Counter()
@@ -147,3 +180,10 @@ let poolWorkloads: [Workload] = [
         return Measurement(elapsedNanoseconds: elapsed, extra: ["workers=4"])
     },
 ]
+
+/// Integers appended from one task and read after.
+final class SampleLog: Sendable {
+    private let values = Mutex<[Int]>([])
+    func append(_ value: Int) { values.withLock { $0.append(value) } }
+    var all: [Int] { values.withLock { $0 } }
+}
