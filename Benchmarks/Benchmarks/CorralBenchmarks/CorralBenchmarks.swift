@@ -395,6 +395,23 @@ func groupBenchmarks() {
         expect(benchmark, output.count == input.count && output.last == input.last.map { $0 &* 2 }, "wrong output")
     }
 
+    // pool.throughput in WORKLOADS.md: submit a job to 4 workers, queue 1024.
+    Benchmark("WorkerPool.fixed4.submit", configuration: allocating(mallocTolerance: 80)) { benchmark in
+        let counter = Counter()
+        let n = benchmark.scaledIterations.count
+        try await measure(benchmark) { _ in
+            let pool = WorkerPool(.init(workers: .fixed(4), queueCapacity: 1024, name: "benchmark"))
+            try await withErrorGroup { group in
+                try await group.addTask { try await pool.run() }
+                for _ in 0..<n {
+                    _ = try await pool.submit { counter.add(1) }
+                }
+                pool.shutdown(.graceful)
+            }
+        }
+        expect(benchmark, counter.value == n, "counter = \(counter.value), want \(n)")
+    }
+
     Benchmark("TaskTracker.spawnAndDrain.limit64", configuration: allocating(mallocTolerance: 40)) { benchmark in
         let counter = Counter()
         let n = benchmark.scaledIterations.count

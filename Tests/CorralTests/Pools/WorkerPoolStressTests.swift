@@ -27,7 +27,8 @@ struct WorkerPoolStressTests {
             let runs = Log<Int>()
             let accepted = Log<JobHandle<Int>>()
             let mode = Int.random(in: 0..<4, using: &generator)  // graceful, immediate, graceful→immediate, cancel run()
-            let runner = Task { try await pool.run() }
+            let ledger = TaskLedger()
+            let runner = Task { try await TaskLedger.$current.withValue(ledger) { try await pool.run() } }
             let submitters = (0..<3).map { submitter in
                 let seed = generator.next()
                 return Task {
@@ -89,6 +90,7 @@ struct WorkerPoolStressTests {
             }
             let stats = pool.stats
             let label = "round \(round): \(workers), capacity \(capacity), mode \(mode): \(stats)"
+            #expect(ledger.liveTaskCount == 0, "\(label): worker tasks outlived run()")
             #expect(stats.submitted == accepted.count, "\(label)")
             #expect(stats.unfinished == 0, "\(label)")
             #expect(stats.workers == 0 && stats.busy == 0, "\(label)")

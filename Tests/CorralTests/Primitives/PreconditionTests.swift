@@ -76,3 +76,38 @@ struct GroupPreconditionTests {
         await #expect(processExitsWith: .failure) { _ = TaskTracker(limit: 0) }
     }
 }
+
+@Suite("Preconditions: pools")
+struct PoolPreconditionTests {
+    @Test func fixedPoolWithoutWorkers() async {
+        await #expect(processExitsWith: .failure) { _ = WorkerPool.Configuration.Workers.fixed(0) }
+    }
+
+    @Test func elasticPoolWithMinAboveMax() async {
+        await #expect(processExitsWith: .failure) {
+            _ = WorkerPool.Configuration.Workers.elastic(min: 5, max: 2, idleTimeout: .seconds(1))
+        }
+    }
+
+    @Test func elasticPoolWithoutIdleTimeout() async {
+        await #expect(processExitsWith: .failure) {
+            _ = WorkerPool.Configuration.Workers.elastic(min: 1, max: 2, idleTimeout: .zero)
+        }
+    }
+
+    @Test func poolWithNegativeQueueCapacity() async {
+        await #expect(processExitsWith: .failure) {
+            _ = WorkerPool.Configuration(workers: .fixed(1), queueCapacity: -1)
+        }
+    }
+
+    @Test func runningAPoolTwice() async {
+        await #expect(processExitsWith: .failure) {
+            let pool = WorkerPool(.init(workers: .fixed(1), queueCapacity: 1))
+            async let first: Void = pool.run()
+            try? await pool.run()
+            pool.shutdown(.immediate)
+            try? await first
+        }
+    }
+}
