@@ -7,20 +7,21 @@ import Synchronization
 /// let html = try await handle.value
 /// ```
 ///
-/// Dropping a handle does not cancel the job: the pool runs every job it accepted, and
-/// reports how each ended in ``WorkerPool/stats``.
+/// Dropping a handle does not cancel the job: the pool ends every job it accepted — runs it,
+/// or rejects it at an immediate shutdown — and reports how each ended in
+/// ``WorkerPool/stats``.
 public struct JobHandle<Success: Sendable>: Sendable {
     let job: PoolJob<Success>
 
     /// The job's result, once it has ended.
     ///
     /// - Returns: What the job returned.
-    /// - Throws: The job's own error; `CancellationError` when the job was cancelled (through
-    ///   ``cancel()``, an immediate shutdown, or the cancellation of ``WorkerPool/run()``'s task)
-    ///   and threw it, or never started; ``PoolError`` (code `.shutdown`) when an immediate
-    ///   shutdown dropped it before it started. When the *awaiting* task is cancelled, this
-    ///   throws `CancellationError` (``TimeoutError`` when its deadline passed) and the job
-    ///   carries on.
+    /// - Throws: The job's own error (a job cancelled while running — through ``cancel()``, an
+    ///   immediate shutdown, or the cancellation of ``WorkerPool/run()``'s task — typically
+    ///   throws `CancellationError`); `CancellationError` when ``cancel()`` removed it before it
+    ///   started; ``PoolError`` (code `.shutdown`) when an immediate shutdown dropped it before
+    ///   it started. When the *awaiting* task is cancelled, this throws `CancellationError`
+    ///   (``TimeoutError`` when its deadline passed) and the job carries on.
     public var value: Success {
         get async throws {
             try await job.storage.result(of: job).get()
@@ -166,8 +167,12 @@ final class PoolWorker: @unchecked Sendable {
     /// The worker's task, to cancel the job it runs; valid while the worker has not exited
     /// (it waits for `cancelsInFlight` to reach zero before it does).
     var task: UnsafeCurrentTask?
-    /// The jobs taken from the queue in its last batch, not yet reported.
+    /// The jobs taken from the queue in its last batch, not yet reported (less any another
+    /// worker took over before they started).
     var batch: [PoolJobBase] = []
+    /// It has taken a batch (possibly emptied by other workers taking its jobs over) that it
+    /// has not reported yet.
+    var holdsBatch = false
     var cancelsInFlight = 0
     /// A job of this worker's is being cancelled: its task is (being) cancelled for good, so
     /// the worker retires after that job.

@@ -1,4 +1,5 @@
-/// Thrown when a ``WorkerPool`` refuses a job, or fails a job it accepted without running it.
+/// Thrown when a ``WorkerPool`` refuses a job, or drops a job it accepted at an immediate
+/// shutdown, before it started.
 ///
 /// Distinct from a job's own error: ``JobHandle/value`` throws the job's error when the job
 /// ran and failed, and `PoolError` when the pool never ran it.

@@ -68,11 +68,12 @@ extension WorkerPool {
 
         /// How many workers run the jobs.
         public var workers: Workers
-        /// How many submitted jobs may wait for a worker; ``WorkerPool/submit(_:)`` suspends
-        /// and ``WorkerPool/trySubmit(_:)`` throws ``PoolError`` beyond that. 0 means a job is
-        /// accepted only when a worker is free to take it.
+        /// How many submitted jobs may wait for a worker. Once the queue is full,
+        /// ``WorkerPool/submit(_:)`` suspends and ``WorkerPool/trySubmit(_:)`` throws
+        /// ``PoolError`` until it has drained to half this capacity. 0 means a job is accepted
+        /// only when a worker is free to take it.
         public var queueCapacity: Int
-        /// The pool's name, used in diagnostics (stats, leak reports).
+        /// The pool's name, used in diagnostics (``PoolError``, leak reports).
         public var name: String
 
         /// Creates a configuration.
@@ -99,8 +100,9 @@ extension WorkerPool {
         /// Stop accepting jobs, run every queued job, then let ``WorkerPool/run()`` return.
         public static var graceful: ShutdownMode { ShutdownMode(base: .graceful(deadline: nil)) }
 
-        /// A graceful shutdown that becomes ``immediate`` if the queue has not drained by
-        /// `deadline`.
+        /// A graceful shutdown that becomes ``immediate`` if ``WorkerPool/run()`` has not
+        /// returned by `deadline` (queued jobs not started are then rejected, and running ones
+        /// cancelled).
         public static func graceful(deadline: ContinuousClock.Instant) -> ShutdownMode {
             ShutdownMode(base: .graceful(deadline: deadline))
         }
@@ -144,10 +146,11 @@ extension WorkerPool {
         public var completed = 0
         /// Jobs that threw an error other than a cancellation.
         public var failed = 0
-        /// Jobs cancelled: through their handle, by an immediate shutdown, or by the
-        /// cancellation of ``WorkerPool/run()``'s task (whether or not they had started).
+        /// Jobs cancelled: through their handle (before or while running), or while running by
+        /// an immediate shutdown or the cancellation of ``WorkerPool/run()``'s task.
         public var cancelled = 0
-        /// Jobs accepted but never run because of an immediate shutdown.
+        /// Jobs accepted but never started because of an immediate shutdown (their handles
+        /// throw ``PoolError``).
         public var rejected = 0
         /// Submissions refused without being accepted: the queue was full (`trySubmit`) or the
         /// pool was shut down.

@@ -63,13 +63,17 @@ struct WorkerPoolStateMachine {
         /// Accepted. Resume the idle worker given the job, if any; tell the supervisor to
         /// start workers, if any.
         case accepted(Resumption<WorkerOutcome>?, Resumption<SupervisorEvent>?)
-        case suspend(WaiterID)
-        case queueFull
+        /// Not accepted yet: wait for room (an elastic pool may have asked for a worker).
+        case suspend(WaiterID, Resumption<SupervisorEvent>?)
+        /// Not accepted (an elastic pool may have asked for a worker, for the next ones).
+        case queueFull(Resumption<SupervisorEvent>?)
         case refused
     }
 
     enum WorkerAction {
         case run([PoolJobBase])
+        /// Run this job, already claimed for this worker (taken over from another's batch).
+        case runClaimed(PoolJobBase)
         case park(WaiterID, idleTimeout: Duration?)
         case exit
     }
@@ -151,9 +155,10 @@ struct WorkerPoolStateMachine {
         }
         guard mayWait else {
             stats.refused += 1
-            return .queueFull
+            return .queueFull(startWorkerIfUseful(demand: queuedCount + submitters.count + 1))
         }
-        return .suspend(submitters.enqueue(job))
+        let id = submitters.enqueue(job)
+        return .suspend(id, startWorkerIfUseful(demand: queuedCount + submitters.count))
     }
 
     mutating func submitterSuspended(_ id: WaiterID, _ continuation: UnsafeContinuation<SubmitOutcome, Never>) -> Resumption<SubmitOutcome>? {
@@ -174,6 +179,7 @@ struct WorkerPoolStateMachine {
     private mutating func assign(_ jobs: [PoolJobBase], to worker: PoolWorker) {
         for job in jobs { job.placement = .assigned(worker) }
         worker.batch = jobs
+        worker.holdsBatch = true
         stats.busy += 1
         stats.peakBusy = max(stats.peakBusy, stats.busy)
     }
@@ -187,10 +193,11 @@ struct WorkerPoolStateMachine {
         }
     }
 
-    /// Elastic pools: a job was queued and no worker is idle — start one if below `max` and
-    /// the workers already starting will not take every queued job.
-    private mutating func startWorkerIfUseful() -> Resumption<SupervisorEvent>? {
-        guard isRunning, idle.isEmpty, liveWorkers < maximumWorkers, queuedCount > startingWorkers else { return nil }
+    /// Elastic pools: jobs wait (`demand`: queued, or held by waiting submitters) and no
+    /// worker is idle — start one if below `max` and the workers already starting will not
+    /// take them all.
+    private mutating func startWorkerIfUseful(demand: Int? = nil) -> Resumption<SupervisorEvent>? {
+        guard isRunning, idle.isEmpty, liveWorkers < maximumWorkers, (demand ?? queuedCount) > startingWorkers else { return nil }
         requestWorker()
         return notifySupervisor()
     }
@@ -208,9 +215,11 @@ struct WorkerPoolStateMachine {
         precondition(!isRunning, "WorkerPool.run(): the pool is already running (run() may be called once)")
         isRunning = true
         if lifecycle == .stopping { return 0 }
+        // Enough for the jobs already waiting (queued, or held by submitters waiting for room).
+        let waiting = queuedCount + submitters.count
         let initial = lifecycle == .draining && queuedCount == 0
             ? 0
-            : min(maximumWorkers, max(minimumWorkers, queuedCount))
+            : min(maximumWorkers, max(minimumWorkers, waiting))
         liveWorkers += initial
         startingWorkers += initial
         return initial
@@ -256,7 +265,7 @@ struct WorkerPoolStateMachine {
 
     /// A worker reports its last batch and wants the next.
     mutating func workerReady(_ worker: PoolWorker, into resumptions: inout ReadyResumptions) -> WorkerAction {
-        if !worker.batch.isEmpty {
+        if worker.holdsBatch {
             report(worker, into: &resumptions)
             if worker.mustRetire {
                 // A job's cancellation cancelled this worker's task for good.
@@ -287,6 +296,12 @@ struct WorkerPoolStateMachine {
             assign([submitter.payload], to: worker)
             return .run([submitter.payload])
         }
+        // Nothing queued: rather than sit idle while a job waits in another worker's batch
+        // (behind a slow one), take it over.
+        if lifecycle != .stopping, let stolen = stealUnstartedJob(for: worker) {
+            assign([stolen], to: worker)
+            return .runClaimed(stolen)
+        }
         if lifecycle != .accepting {
             // Shut down and nothing left to run: this worker exits, and so do the idle ones.
             releaseIdleWorkers(into: &resumptions.workers)
@@ -294,6 +309,19 @@ struct WorkerPoolStateMachine {
         }
         let timeout = liveWorkers > minimumWorkers ? idleTimeout : nil
         return .park(idle.enqueue(worker), idleTimeout: timeout)
+    }
+
+    /// Takes over the last job not yet started in another worker's batch, claiming it for
+    /// `worker` (the other worker then skips it).
+    private mutating func stealUnstartedJob(for worker: PoolWorker) -> PoolJobBase? {
+        for other in workers.values where other !== worker {
+            guard let index = other.batch.lastIndex(where: { $0.claim.load(ordering: .relaxed) == PoolJobBase.Claim.unclaimed }) else { continue }
+            let job = other.batch[index]
+            guard job.claimForRunning() else { continue }  // its worker started it just now
+            other.batch.remove(at: index)
+            return job
+        }
+        return nil
     }
 
     /// Publishes the results of the jobs `worker` ran, and puts back those it did not start.
@@ -312,6 +340,7 @@ struct WorkerPoolStateMachine {
             }
         }
         stats.busy -= 1
+        worker.holdsBatch = false
         if putBack > 0 {
             // The worker retires before starting these: back to the head of the queue, in order.
             for job in worker.batch.reversed() where job.claim.load(ordering: .relaxed) == PoolJobBase.Claim.unclaimed {

@@ -26,7 +26,7 @@ import Musl
 /// may be called before ``run()``:
 /// - ``ShutdownMode/graceful``: stop accepting (waiting submitters are refused), run every
 ///   queued job, then ``run()`` returns. ``ShutdownMode/graceful(timeout:)`` becomes
-///   immediate if the queue has not drained in time.
+///   immediate if ``run()`` has not returned in time.
 /// - ``ShutdownMode/immediate``: stop accepting, cancel the running jobs, and fail every
 ///   queued job's handle with ``PoolError`` (code `.shutdown`). A running job that ignores
 ///   its cancellation runs to its end: ``run()`` waits for it, so that nothing outlives it.
@@ -67,7 +67,7 @@ public final class WorkerPool: Sendable {
     /// - Throws: `CancellationError` when the calling task is cancelled: the pool is shut down
     ///   immediately (running jobs cancelled, queued jobs rejected), and this throws once every
     ///   worker has exited.
-    /// - Precondition: `run()` is not already running.
+    /// - Precondition: `run()` is called once in the pool's life.
     public func run() async throws {
         let storage = self.storage
         let initial = storage.state.withLock { $0.runStarted() }
@@ -104,7 +104,10 @@ public final class WorkerPool: Sendable {
 
     /// Submits a job, waiting while the queue is full.
     ///
-    /// Submitters waiting for room are served in arrival order.
+    /// A full queue lets waiting submitters in once it has drained to half its capacity (a low
+    /// watermark, so that a producer faster than the workers waits once per half a queue of
+    /// jobs, not once per job); they are served in arrival order, and newcomers wait behind
+    /// them.
     ///
     /// - Parameter operation: The job. It runs on a worker, on its own isolation.
     /// - Returns: The job's handle: await ``JobHandle/value`` for its result.
@@ -124,7 +127,8 @@ public final class WorkerPool: Sendable {
             return JobHandle(job: job)
         case .refused, .queueFull:
             throw PoolError.shutdown(pool: name)
-        case .suspend(let id):
+        case .suspend(let id, let supervisor):
+            supervisor?.resume()
             let outcome = await storage.state.suspend { state, continuation in
                 state.submitterSuspended(id, continuation)
             } onCancel: { state in
@@ -141,8 +145,9 @@ public final class WorkerPool: Sendable {
     /// Submits a job only if that needs no waiting.
     ///
     /// - Returns: The job's handle.
-    /// - Throws: ``PoolError`` at once, without accepting the job: code `.queueFull` when the
-    ///   queue is full (and no worker is idle), `.shutdown` when the pool is shut down.
+    /// - Throws: ``PoolError`` at once, without accepting the job: code `.queueFull` when no
+    ///   worker is idle and the queue is full, or submitters are waiting for it to drain to its
+    ///   low watermark; `.shutdown` when the pool is shut down.
     public func trySubmit<Success: Sendable>(
         _ operation: sending @escaping @isolated(any) () async throws -> Success
     ) throws -> JobHandle<Success> {
@@ -152,7 +157,8 @@ public final class WorkerPool: Sendable {
             worker?.resume()
             supervisor?.resume()
             return JobHandle(job: job)
-        case .queueFull:
+        case .queueFull(let supervisor):
+            supervisor?.resume()
             throw PoolError.queueFull(pool: name)
         case .refused:
             throw PoolError.shutdown(pool: name)
@@ -226,6 +232,9 @@ final class WorkerPoolStorage: Sendable {
             switch action {
             case .run(let batch):
                 jobs = batch
+            case .runClaimed(let job):
+                job.recordedEnd = await job.run()
+                _ = job.markRan()  // if its handle is cancelling this task, the report retires us
             case .park(let id, let idleTimeout):
                 let timer = idleTimeout.map { IdleTimerScope(deadline: .now + $0, storage: self, waiter: id) }
                 if let timer { DeadlineTimer.shared.arm(timer) }

@@ -360,4 +360,31 @@ struct WorkerPoolTests {
         #expect(ran.current == 20_000)
         #expect(pool.stats.workers == 0)
     }
+
+    @Test func elasticPoolWithoutAQueue_startsWorkersOnDemand() async throws {
+        let pool = WorkerPool(.init(workers: .elastic(min: 0, max: 2, idleTimeout: .seconds(60)), queueCapacity: 0))
+        try await withRunningPool(pool) { pool in
+            #expect(pool.stats.workers == 0)
+            let handle = try await pool.submit { 5 }  // no worker, no queue: one is started for it
+            #expect(try await handle.value == 5)
+            #expect(pool.stats.workers >= 1)
+        }
+    }
+
+    /// A job batched with a slow one is taken over by an idle worker instead of waiting.
+    @Test func aJobBatchedBehindASlowOne_isTakenOverByAnIdleWorker() async throws {
+        let gate = AsyncSemaphore(permits: 1)
+        try await gate.acquire()
+        let pool = WorkerPool(.init(workers: .fixed(2), queueCapacity: 8))
+        // Queued before run(): each of the 2 workers takes a batch of 2 (its fair share of 4).
+        let slow = try await pool.submit { try await gate.acquire(); gate.release() }
+        let behindSlow = try await pool.submit { 1 }
+        _ = try await pool.submit { 2 }
+        _ = try await pool.submit { 3 }
+        try await withRunningPool(pool) { _ in
+            #expect(try await behindSlow.value == 1)  // would hang until the gate opened
+            gate.release()
+            try await slow.value
+        }
+    }
 }
