@@ -46,6 +46,30 @@ let benchmarks: @Sendable () -> Void = {
     rateLimiterBenchmarks()
     deadlineBenchmarks()
     groupBenchmarks()
+    resourceBenchmarks()
+}
+
+// MARK: - Resources
+
+func resourceBenchmarks() {
+    Benchmark("ObjectPool.withObject.buffer4K", configuration: fastPath()) { benchmark in
+        let pool = ObjectPool(capacity: 8) {
+            [UInt8](repeating: 0, count: 4096)
+        } reset: {
+            $0[0] = 0
+        }
+        var sum = 0
+        measureSync(benchmark) { operations in
+            for i in operations {
+                sum &+= pool.withObject { buffer in
+                    buffer[0] = UInt8(truncatingIfNeeded: i)
+                    return Int(buffer[0])
+                }
+            }
+        }
+        blackHole(sum)
+        expect(benchmark, pool.stats.misses <= 1, "the pool made \(pool.stats.misses) buffers")
+    }
 }
 
 // MARK: - Configurations

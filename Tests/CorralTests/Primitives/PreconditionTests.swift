@@ -111,3 +111,10 @@ struct PoolPreconditionTests {
         }
     }
 }
+
+@Suite("Preconditions: resources")
+struct ResourcePreconditionTests {
+    @Test func objectPoolWithoutCapacity() async {
+        await #expect(processExitsWith: .failure) { _ = ObjectPool(capacity: 0) { 0 } }
+    }
+}
