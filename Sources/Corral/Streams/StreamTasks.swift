@@ -1,0 +1,45 @@
+/// The producer tasks behind a stream operator, and the stream's first error.
+///
+/// An `AsyncSequence` operator cannot own a task group: its consumer pulls, one `next()` at a
+/// time, and may stop at any moment. So an operator starts its producer tasks on the first
+/// `next()` in a ``TaskTracker`` (the one place DESIGN.md allows unstructured tasks: they are
+/// counted, and leak-checked by CorralTesting's `expectNoLeakedTasks`), and cancels them when
+/// the consumer is cancelled, stops early (drops its iterator), or the stream fails.
+final class StreamTasks: Sendable {
+    let tracker: TaskTracker
+    private let failure = LockedState<(any Error)?>(nil)
+
+    init(name: String, limit: Int) {
+        tracker = TaskTracker(name: name, limit: max(1, limit))
+    }
+
+    /// Starts a producer task.
+    func start(_ operation: sending @escaping @isolated(any) () async -> Void) {
+        let started = tracker.trySpawn(operation)
+        precondition(started, "StreamTasks: more producers than the limit it was created with")
+    }
+
+    /// Records the stream's first error and cancels every producer. Returns whether `error`
+    /// was the first.
+    @discardableResult
+    func fail(_ error: any Error) -> Bool {
+        let first = failure.withLock { failure in
+            guard failure == nil else { return false }
+            failure = error
+            return true
+        }
+        if first { tracker.cancelAll() }
+        return first
+    }
+
+    /// The stream's first error, if it failed.
+    var error: (any Error)? {
+        failure.withLock { $0 }
+    }
+
+    /// The consumer is gone (or the stream is over): cancel every producer.
+    func cancel() {
+        tracker.cancelAll()
+        tracker.close()
+    }
+}

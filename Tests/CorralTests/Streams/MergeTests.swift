@@ -1,0 +1,213 @@
+@testable import Corral
+import CorralTesting
+import Testing
+
+/// `start..<end`, one element per `next()`, counting how many were produced.
+private struct Counting: AsyncSequence, Sendable {
+    let range: Range<Int>
+    var produced: Gauge? = nil
+
+    struct AsyncIterator: AsyncIteratorProtocol {
+        var next: Int
+        let end: Int
+        let produced: Gauge?
+
+        mutating func next() async throws -> Int? {
+            guard next < end else { return nil }
+            defer { next += 1 }
+            produced?.add(1)
+            await Task.yield()
+            return next
+        }
+    }
+
+    func makeAsyncIterator() -> AsyncIterator {
+        AsyncIterator(next: range.lowerBound, end: range.upperBound, produced: produced)
+    }
+}
+
+/// Yields `elements`, then waits on `gate` (forever, unless released or cancelled), then
+/// throws `failure` if set.
+private struct Scripted: AsyncSequence, Sendable {
+    var elements: [Int] = []
+    var gate: AsyncSemaphore? = nil
+    var failure: TestFailure? = nil
+    var cancelled: Gauge? = nil
+
+    struct AsyncIterator: AsyncIteratorProtocol {
+        var remaining: ArraySlice<Int>
+        let source: Scripted
+        var done = false
+
+        mutating func next() async throws -> Int? {
+            if let element = remaining.popFirst() { return element }
+            guard !done else { return nil }
+            done = true
+            if let gate = source.gate {
+                do {
+                    try await gate.acquire()
+                } catch {
+                    source.cancelled?.add(1)
+                    throw error
+                }
+            }
+            if let failure = source.failure { throw failure }
+            return nil
+        }
+    }
+
+    func makeAsyncIterator() -> AsyncIterator {
+        AsyncIterator(remaining: elements[...], source: self)
+    }
+}
+
+/// A semaphore whose one permit is taken: `acquire()` waits until released or cancelled.
+private func closedGate() async throws -> AsyncSemaphore {
+    let gate = AsyncSemaphore(permits: 1)
+    try await gate.acquire()
+    return gate
+}
+
+private struct TestFailure: Error, Equatable {
+    let id: Int
+}
+
+@Suite("merge")
+struct MergeTests {
+    @Test func everyElementOfEverySource_arrives_eachSourceInItsOrder() async throws {
+        let sourceCount = 100, perSource = 50
+        let received = try await expectNoLeakedTasks {
+            let sources = (0..<sourceCount).map { Counting(range: $0 * 1000..<$0 * 1000 + perSource) }
+            var received: [Int] = []
+            for try await element in merge(sources) {
+                received.append(element)
+            }
+            return received
+        }
+        #expect(received.count == sourceCount * perSource)
+        var lastOfSource = [Int: Int]()
+        for element in received {
+            let source = element / 1000
+            if let last = lastOfSource[source] { #expect(element == last + 1) }
+            lastOfSource[source] = element
+        }
+        #expect(Set(received) == Set((0..<sourceCount).flatMap { $0 * 1000..<$0 * 1000 + perSource }))
+    }
+
+    @Test func noSources_endsAtOnce() async throws {
+        var iterator = merge([Counting]()).makeAsyncIterator()
+        #expect(try await iterator.next() == nil)
+        #expect(try await iterator.next() == nil)
+    }
+
+    @Test func oneSource_isPassedThroughInOrder() async throws {
+        var received: [Int] = []
+        for try await element in merge([Counting(range: 0..<20)]) {
+            received.append(element)
+        }
+        #expect(received == Array(0..<20))
+    }
+
+    @Test func eachIteration_startsTheSourcesAgain() async throws {
+        let merged = merge([Counting(range: 0..<3), Counting(range: 10..<13)])
+        for _ in 0..<2 {
+            var received: [Int] = []
+            for try await element in merged { received.append(element) }
+            #expect(received.sorted() == [0, 1, 2, 10, 11, 12])
+        }
+    }
+
+    @Test func theFirstError_endsTheStream_andCancelsTheOtherSources() async throws {
+        let cancelled = Gauge()
+        try await expectNoLeakedTasks {
+            let blocked = try await closedGate()
+            let failNow = try await closedGate()
+            let sources = [
+                Scripted(elements: [1], gate: failNow, failure: TestFailure(id: 7)),
+                Scripted(elements: [100], gate: blocked, cancelled: cancelled),
+                Scripted(elements: [200], gate: blocked, cancelled: cancelled),
+            ]
+            var iterator = merge(sources).makeAsyncIterator()
+            var received: [Int] = []
+            for _ in 0..<3 { received.append(try await iterator.next()!) }
+            #expect(received.sorted() == [1, 100, 200])
+            await waitUntil("both sources blocked") { blocked.waiters == 2 }
+            failNow.release()
+            var thrown: (any Error)?
+            do {
+                _ = try await iterator.next()
+            } catch {
+                thrown = error
+            }
+            #expect(thrown as? TestFailure == TestFailure(id: 7))
+            // Ended: later calls return nil.
+            let afterTheEnd = try await iterator.next()
+            #expect(afterTheEnd == nil)
+        }
+        #expect(cancelled.current == 2)  // both blocked sources saw cancellation
+    }
+
+    @Test func aSourcesOwnCancellationError_isReported_notSwallowed() async throws {
+        struct ThrowsCancellation: AsyncSequence, Sendable {
+            struct AsyncIterator: AsyncIteratorProtocol {
+                mutating func next() async throws -> Int? { throw CancellationError() }
+            }
+            func makeAsyncIterator() -> AsyncIterator { AsyncIterator() }
+        }
+        await #expect(throws: CancellationError.self) {
+            for try await _ in merge([ThrowsCancellation()]) {}
+        }
+    }
+
+    @Test func cancellingTheConsumer_throwsCancellationError_andCancelsTheSources() async throws {
+        let cancelled = Gauge()
+        let gotFirst = try await closedGate()
+        try await expectNoLeakedTasks {
+            let blocked = try await closedGate()
+            let sources = [
+                Scripted(elements: [1], gate: blocked, cancelled: cancelled),
+                Scripted(elements: [], gate: blocked, cancelled: cancelled),
+            ]
+            let consumer = Task {
+                var received: [Int] = []
+                for try await element in merge(sources) {
+                    received.append(element)
+                    gotFirst.release()
+                }
+                return received
+            }
+            try await gotFirst.acquire()
+            await waitUntil("both sources blocked") { blocked.waiters == 2 }
+            consumer.cancel()
+            await #expect(throws: CancellationError.self) { try await consumer.value }
+        }
+        #expect(cancelled.current == 2)
+    }
+
+    @Test func stoppingEarly_cancelsTheSources_andLeaksNoTask() async throws {
+        // The leak check fails if a source is left running (parked on the gate or on a send).
+        try await expectNoLeakedTasks {
+            let blocked = try await closedGate()
+            let sources = (0..<8).map { Scripted(elements: Array($0 * 10..<$0 * 10 + 5), gate: blocked) }
+            var taken = 0
+            for try await _ in merge(sources) {
+                taken += 1
+                if taken == 3 { break }
+            }
+            #expect(taken == 3)
+        }
+    }
+
+    @Test func aSlowConsumer_holdsBackTheSources() async throws {
+        let produced = Gauge()
+        let source = Counting(range: 0..<1_000, produced: produced)
+        var iterator = merge([source]).makeAsyncIterator()
+        #expect(try await iterator.next() == 0)
+        // One element buffered, one waiting to be sent: the source goes no further.
+        await waitUntil("the source fills the buffer") { produced.current == 3 }
+        for _ in 0..<1_000 { await Task.yield() }
+        #expect(produced.current == 3)
+        #expect(try await iterator.next() == 1)
+        #expect(try await iterator.next() == 2)
+    }
+}
