@@ -5,15 +5,18 @@
 /// `next()` in a ``TaskTracker`` (the one place DESIGN.md allows unstructured tasks: they are
 /// counted, and leak-checked by CorralTesting's `expectNoLeakedTasks`), and cancels them when
 /// the consumer is cancelled, stops early (drops its iterator), or the stream fails.
+@usableFromInline
 final class StreamTasks: Sendable {
-    let tracker: TaskTracker
+    @usableFromInline let tracker: TaskTracker
     private let failure = LockedState<(any Error)?>(nil)
 
+    @usableFromInline
     init(name: String, limit: Int) {
         tracker = TaskTracker(name: name, limit: max(1, limit))
     }
 
     /// Starts a producer task.
+    @usableFromInline
     func start(_ operation: sending @escaping @isolated(any) () async -> Void) {
         let started = tracker.trySpawn(operation)
         precondition(started, "StreamTasks: more producers than the limit it was created with")
@@ -37,7 +40,15 @@ final class StreamTasks: Sendable {
         failure.withLock { $0 }
     }
 
+    /// Cancels every task (the stream failed); more may not be started.
+    @usableFromInline
+    func cancelAll() {
+        tracker.cancelAll()
+        tracker.close()
+    }
+
     /// The consumer is gone (or the stream is over): cancel every producer.
+    @usableFromInline
     func cancel() {
         tracker.cancelAll()
         tracker.close()

@@ -1,0 +1,339 @@
+extension AsyncSequence where Self: Sendable, Element: Sendable {
+    /// Transforms the elements with up to `concurrency` transforms running at once — Go's
+    /// fan-out to a fixed set of workers and fan-in of their results, as one operator.
+    ///
+    /// ```swift
+    /// for try await thumbnail in photos.map(concurrency: 8) { try await render($0) } {
+    ///     save(thumbnail)
+    /// }
+    /// ```
+    ///
+    /// Each iteration starts, on its first `next()`, one task that pulls the source and
+    /// `concurrency` tasks that transform; they are tracked (and leak-checked by
+    /// CorralTesting's `expectNoLeakedTasks`) and end with the iteration.
+    ///
+    /// ## Order and backpressure
+    /// At most `buffer` elements are taken from the source and not yet returned by `next()`:
+    /// waiting for a transform, being transformed, or transformed and waiting for the
+    /// consumer. A slow consumer therefore slows the source down, and memory stays bounded.
+    ///
+    /// With `ordered: true` (the default) the results come in the order of the source.
+    /// A slow element holds back the ones after it (head-of-line blocking): once `buffer`
+    /// elements are in flight behind it, the source is not pulled until it is done. With
+    /// `ordered: false` the results come as the transforms finish.
+    ///
+    /// ## Errors and cancellation
+    /// - The first error of the source or of a transform ends the sequence with that error
+    ///   at once (results not yet returned are dropped), and cancels the transforms still
+    ///   running and the source's iteration.
+    /// - When the consuming task is cancelled while it waits, `next()` throws
+    ///   `CancellationError` (``TimeoutError`` when an enclosing deadline passed) and every
+    ///   task of the iteration is cancelled; so they are when the consumer stops iterating
+    ///   early (drops its iterator).
+    ///
+    /// - Parameters:
+    ///   - concurrency: The most transforms running at once. Must be greater than 0.
+    ///   - ordered: Whether results keep the order of the source (`true`, the default) or
+    ///     come in completion order.
+    ///   - buffer: The most elements taken from the source and not yet returned by `next()`.
+    ///     Must be greater than 0; values below `concurrency` limit the concurrency. The
+    ///     default is `max(16, 4 × concurrency)`.
+    ///   - transform: The transform, called once per element, from several tasks at once.
+    /// - Returns: A sequence of the transformed elements.
+    @inlinable
+    public func map<Transformed: Sendable>(
+        concurrency: Int,
+        ordered: Bool = true,
+        buffer: Int? = nil,
+        _ transform: @escaping @Sendable (Element) async throws -> Transformed
+    ) -> ConcurrentMapSequence<Self, Transformed> {
+        precondition(concurrency > 0, "map(concurrency:): concurrency must be greater than 0, got \(concurrency)")
+        let window = buffer ?? Swift.max(16, 4 * concurrency)
+        precondition(window > 0, "map(concurrency:buffer:): buffer must be greater than 0, got \(window)")
+        return ConcurrentMapSequence(
+            base: self, concurrency: concurrency, ordered: ordered, window: window, transform: transform)
+    }
+}
+
+/// The sequence returned by `map(concurrency:ordered:buffer:_:)`: the base sequence's
+/// elements, transformed concurrently.
+public struct ConcurrentMapSequence<Base: AsyncSequence & Sendable, Transformed: Sendable>: AsyncSequence, Sendable
+where Base.Element: Sendable {
+    /// The transformed element type.
+    public typealias Element = Transformed
+
+    @usableFromInline let base: Base
+    @usableFromInline let concurrency: Int
+    @usableFromInline let ordered: Bool
+    @usableFromInline let window: Int
+    @usableFromInline let transform: @Sendable (Base.Element) async throws -> Transformed
+
+    @inlinable
+    init(
+        base: Base, concurrency: Int, ordered: Bool, window: Int,
+        transform: @escaping @Sendable (Base.Element) async throws -> Transformed
+    ) {
+        self.base = base
+        self.concurrency = concurrency
+        self.ordered = ordered
+        self.window = window
+        self.transform = transform
+    }
+
+    /// Starts an iteration: the base sequence is iterated from its start, by tasks started
+    /// on the first `next()`.
+    @inlinable
+    public func makeAsyncIterator() -> Iterator {
+        Iterator(MapStreamCore(
+            base: base, concurrency: concurrency, window: window, transform: transform), ordered: ordered)
+    }
+
+    /// Iterates a ``ConcurrentMapSequence``. Dropping it cancels the iteration's tasks.
+    public struct Iterator: AsyncIteratorProtocol {
+        @usableFromInline let handle: MapStreamHandle<Base, Transformed>
+        /// Results taken from the shared state and not yet returned, in arrival order.
+        @usableFromInline var arrived: [(index: Int, value: Transformed)] = []
+        /// The next result of `arrived` to return (unordered mode).
+        @usableFromInline var position = 0
+        /// Ordered mode: results parked until their turn, at `index % window`.
+        @usableFromInline var ring: [Transformed?]
+        /// Ordered mode: the index of the next result to return.
+        @usableFromInline var nextIndex = 0
+        /// Results returned since the consumer last reported to the shared state.
+        @usableFromInline var returned = 0
+        @usableFromInline var started = false
+        @usableFromInline var finished = false
+
+        @inlinable
+        init(_ core: MapStreamCore<Base, Transformed>, ordered: Bool) {
+            handle = MapStreamHandle(core)
+            ring = ordered ? Array(repeating: nil, count: core.window) : []
+        }
+
+        /// The next transformed element, or `nil` once every element has been transformed
+        /// and returned.
+        ///
+        /// - Throws: The first error of the source or of a transform; `CancellationError`
+        ///   (or ``TimeoutError``) when the consuming task is cancelled while it waits.
+        @inlinable
+        public mutating func next() async throws -> Transformed? {
+            let core = handle.core
+            while true {
+                if ring.isEmpty {
+                    if position < arrived.count {
+                        position += 1
+                        returned += 1
+                        return arrived[position - 1].value
+                    }
+                } else {
+                    let slot = nextIndex % ring.count
+                    if let value = ring[slot] {
+                        ring[slot] = nil
+                        nextIndex += 1
+                        returned += 1
+                        return value
+                    }
+                }
+                if finished { return nil }
+                if !started {
+                    started = true
+                    core.start()
+                }
+                arrived.removeAll(keepingCapacity: true)
+                position = 0
+                let returned = self.returned
+                self.returned = 0
+                let (action, feeder) = core.state.withLock {
+                    $0.consumerTake(returned: returned, into: &arrived)
+                }
+                feeder?.resume(returning: true)
+                switch action {
+                case .elements:
+                    if !ring.isEmpty {
+                        for (index, value) in arrived {
+                            ring[index % ring.count] = value
+                        }
+                        arrived.removeAll(keepingCapacity: true)
+                    }
+                case .wait:
+                    if Task.isCancelled {
+                        finish()
+                        throw DeadlineContext.cancellationError()
+                    }
+                    await core.consumerWait()
+                case .finished:
+                    finish()
+                    return nil
+                case .failed(let error):
+                    finish()
+                    throw error
+                }
+            }
+        }
+
+        @inlinable
+        mutating func finish() {
+            finished = true
+            arrived = []
+            position = 0
+            handle.end()
+        }
+    }
+}
+
+/// The consumer's side of one iteration: ends it when the iterator is dropped.
+@usableFromInline
+final class MapStreamHandle<Base: AsyncSequence & Sendable, Transformed: Sendable> where Base.Element: Sendable {
+    @usableFromInline let core: MapStreamCore<Base, Transformed>
+
+    @inlinable
+    init(_ core: MapStreamCore<Base, Transformed>) {
+        self.core = core
+    }
+
+    @inlinable
+    func end() {
+        core.consumerEnded()
+    }
+
+    deinit {
+        core.consumerEnded()
+    }
+}
+
+/// One iteration of a ``ConcurrentMapSequence``: the shared state, the feeder and the
+/// workers (see `MapStreamState` for the state machine).
+@usableFromInline
+final class MapStreamCore<Base: AsyncSequence & Sendable, Transformed: Sendable>: Sendable where Base.Element: Sendable {
+    @usableFromInline typealias Element = Base.Element
+
+    @usableFromInline let state: LockedState<MapStreamState<Element, Transformed>>
+    @usableFromInline let tasks: StreamTasks
+    @usableFromInline let base: Base
+    @usableFromInline let concurrency: Int
+    @usableFromInline let window: Int
+    @usableFromInline let transform: @Sendable (Element) async throws -> Transformed
+
+    @inlinable
+    init(base: Base, concurrency: Int, window: Int, transform: @escaping @Sendable (Element) async throws -> Transformed) {
+        self.state = LockedState(MapStreamState(window: window, concurrency: concurrency))
+        self.tasks = StreamTasks(name: "map(concurrency:)", limit: concurrency + 1)
+        self.base = base
+        self.concurrency = concurrency
+        self.window = window
+        self.transform = transform
+    }
+
+    /// Starts the feeder and the workers.
+    @inlinable
+    func start() {
+        tasks.start { [self] in await feed() }
+        for _ in 0..<concurrency {
+            tasks.start { [self] in await work() }
+        }
+    }
+
+    /// The feeder: pulls the source while the window has room.
+    @inlinable
+    func feed() async {
+        var iterator = base.makeAsyncIterator()
+        var action = state.withLock { $0.feederMayPull() }
+        while true {
+            switch action {
+            case .stop:
+                return
+            case .wait:
+                let mayPull = await withUnsafeContinuation { continuation in
+                    if let (continuation, mayPull) = state.withLock({ $0.feederParked(continuation) }) {
+                        continuation.resume(returning: mayPull)
+                    }
+                }
+                guard mayPull else { return }
+                action = .pull
+            case .pull:
+                let element: Element?
+                do {
+                    element = try await iterator.next()
+                } catch {
+                    fail(error)
+                    return
+                }
+                guard let element else {
+                    let (workers, consumer) = state.withLock { $0.sourceEnded() }
+                    for worker in workers { worker.resume(returning: true) }
+                    consumer?.resume()
+                    return
+                }
+                let (worker, next) = state.withLock { $0.elementArrived(element) }
+                worker?.resume(returning: true)
+                action = next
+            }
+        }
+    }
+
+    /// A worker: transforms elements from the input until the iteration is over or the
+    /// source has ended and the input is empty.
+    @inlinable
+    func work() async {
+        var batch: [(index: Int, element: Element)] = []
+        batch.reserveCapacity(16)
+        var wasWoken = false
+        while true {
+            let action = state.withLock { $0.workerTake(into: &batch, wasWoken: wasWoken) }
+            wasWoken = false
+            switch action {
+            case .exit:
+                return
+            case .wait:
+                let again = await withUnsafeContinuation { continuation in
+                    if let (continuation, again) = state.withLock({ $0.workerParked(continuation) }) {
+                        continuation.resume(returning: again)
+                    }
+                }
+                guard again else { return }
+                wasWoken = true
+            case .work:
+                for (index, element) in batch {
+                    let value: Transformed
+                    do {
+                        value = try await transform(element)
+                    } catch {
+                        fail(error)
+                        return
+                    }
+                    state.withLock { $0.resultProduced(index: index, value: value) }?.resume()
+                }
+                batch.removeAll(keepingCapacity: true)
+            }
+        }
+    }
+
+    /// Parks the consumer until there are results, the iteration is over or drained, or
+    /// the consuming task is cancelled.
+    @inlinable
+    nonisolated(nonsending)
+    func consumerWait() async {
+        await withTaskCancellationHandler {
+            await withUnsafeContinuation { continuation in
+                state.withLock { $0.consumerParked(continuation) }?.resume()
+            }
+        } onCancel: {
+            state.withLock { $0.consumerCancelled() }?.resume()
+        }
+    }
+
+    /// The source or a transform failed: the first error ends the iteration.
+    @inlinable
+    func fail(_ error: any Error) {
+        guard let stop = state.withLock({ $0.failed(error) }) else { return }
+        stop.resume()
+        tasks.cancelAll()
+    }
+
+    /// The consumer ended the iteration (finished, failed, cancelled or stopped early).
+    @inlinable
+    func consumerEnded() {
+        state.withLock { $0.consumerEnded() }.resume()
+        tasks.cancel()
+    }
+}

@@ -1,0 +1,249 @@
+@testable import Corral
+import CorralTesting
+import Testing
+
+/// Yields a random number of times: a transform that takes a random while, without sleeping.
+private func jitter() async {
+    for _ in 0..<Int.random(in: 0..<20) { await Task.yield() }
+}
+
+@Suite("map(concurrency:)")
+struct MapStreamTests {
+    @Test(arguments: [(1, 1), (4, 4), (4, 7), (8, 64), (3, 1000)])
+    func ordered_keepsTheSourceOrder_underRandomDelays(concurrency: Int, buffer: Int) async throws {
+        let count = 400
+        let received = try await expectNoLeakedTasks {
+            var received: [Int] = []
+            let mapped = Counting(range: 0..<count).map(concurrency: concurrency, buffer: buffer) { value in
+                await jitter()
+                return value * 2
+            }
+            for try await value in mapped { received.append(value) }
+            return received
+        }
+        #expect(received == (0..<count).map { $0 * 2 })
+    }
+
+    @Test(arguments: [(1, 1), (4, 4), (4, 7), (8, 64)])
+    func unordered_deliversEveryResultOnce(concurrency: Int, buffer: Int) async throws {
+        let count = 400
+        let received = try await expectNoLeakedTasks {
+            var received: [Int] = []
+            let mapped = Counting(range: 0..<count).map(concurrency: concurrency, ordered: false, buffer: buffer) { value in
+                await jitter()
+                return value * 2
+            }
+            for try await value in mapped { received.append(value) }
+            return received
+        }
+        #expect(received.count == count)
+        #expect(received.sorted() == (0..<count).map { $0 * 2 })
+    }
+
+    @Test func anEmptySource_endsAtOnce() async throws {
+        var iterator = Counting(range: 0..<0).map(concurrency: 4) { $0 }.makeAsyncIterator()
+        #expect(try await iterator.next() == nil)
+        #expect(try await iterator.next() == nil)
+    }
+
+    @Test func eachIteration_startsTheSourceAgain() async throws {
+        let mapped = Counting(range: 0..<10).map(concurrency: 3) { $0 + 1 }
+        for _ in 0..<2 {
+            var received: [Int] = []
+            for try await value in mapped { received.append(value) }
+            #expect(received == Array(1...10))
+        }
+    }
+
+    @Test func exactly_concurrency_transformsRun_atOnce() async throws {
+        let running = Gauge()
+        let gate = try await closedGate()
+        let concurrency = 5
+        let mapped = Counting(range: 0..<50).map(concurrency: concurrency, ordered: false, buffer: 50) { value in
+            running.add(1)
+            try await gate.acquire()
+            gate.release()
+            running.add(-1)
+            return value
+        }
+        let consumer = Task {
+            var count = 0
+            for try await _ in mapped { count += 1 }
+            return count
+        }
+        await waitUntil("every worker busy") { running.current == concurrency }
+        for _ in 0..<1_000 { await Task.yield() }
+        #expect(running.current == concurrency)  // the others wait for a worker
+        gate.release()
+        #expect(try await consumer.value == 50)
+        #expect(running.peak == concurrency)
+    }
+
+    @Test(arguments: [true, false])
+    func aSlowConsumer_boundsWhatIsPulledFromTheSource_toTheBuffer(ordered: Bool) async throws {
+        let produced = Gauge()
+        let buffer = 12
+        let mapped = Counting(range: 0..<10_000, produced: produced).map(concurrency: 3, ordered: ordered, buffer: buffer) { $0 }
+        var iterator = mapped.makeAsyncIterator()
+        _ = try await iterator.next()
+        await waitUntil("the window fills") { produced.current == buffer }
+        for _ in 0..<1_000 { await Task.yield() }
+        #expect(produced.current == buffer)
+        // Consuming returns credit: the source moves on.
+        for _ in 0..<buffer { _ = try await iterator.next() }
+        await waitUntil("the source is pulled again") { produced.current > buffer }
+    }
+
+    @Test(arguments: [true, false])
+    func theFirstTransformError_endsTheSequence_andCancelsTheOthers(ordered: Bool) async throws {
+        let cancelled = Gauge()
+        try await expectNoLeakedTasks {
+            let gate = try await closedGate()
+            let mapped = Counting(range: 0..<100).map(concurrency: 4, ordered: ordered) { value in
+                if value == 3 { throw TestFailure(id: 3) }
+                do {
+                    try await gate.acquire()  // every other transform hangs until cancelled
+                } catch {
+                    cancelled.add(1)
+                    throw error
+                }
+                return value
+            }
+            var thrown: (any Error)?
+            do {
+                for try await _ in mapped {}
+            } catch {
+                thrown = error
+            }
+            #expect(thrown as? TestFailure == TestFailure(id: 3))
+        }
+        #expect(cancelled.current >= 1)  // the transforms that were hanging were cancelled
+    }
+
+    @Test func aSourceError_endsTheSequence() async throws {
+        try await expectNoLeakedTasks {
+            let source = Scripted(elements: [1, 2, 3], failure: TestFailure(id: 9))
+            var received: [Int] = []
+            var thrown: (any Error)?
+            do {
+                for try await value in source.map(concurrency: 2, { $0 }) { received.append(value) }
+            } catch {
+                thrown = error
+            }
+            #expect(thrown as? TestFailure == TestFailure(id: 9))
+            #expect(received.allSatisfy { [1, 2, 3].contains($0) })
+        }
+    }
+
+    @Test func cancellingTheConsumer_throwsCancellationError_andCancelsTheTransforms() async throws {
+        let cancelled = Gauge()
+        let started = Gauge()
+        try await expectNoLeakedTasks {
+            let gate = try await closedGate()
+            let mapped = Counting(range: 0..<100).map(concurrency: 3) { value in
+                started.add(1)
+                do {
+                    try await gate.acquire()
+                } catch {
+                    cancelled.add(1)
+                    throw error
+                }
+                return value
+            }
+            let consumer = Task {
+                for try await _ in mapped {}
+            }
+            await waitUntil("three transforms hang") { started.current == 3 }
+            consumer.cancel()
+            await #expect(throws: CancellationError.self) { try await consumer.value }
+        }
+        #expect(cancelled.current == 3)
+    }
+
+    @Test func aConsumerUnderADeadline_throwsTimeoutError() async throws {
+        try await expectNoLeakedTasks {
+            let gate = try await closedGate()
+            let mapped = Counting(range: 0..<10).map(concurrency: 2) { value in
+                try await gate.acquire()
+                return value
+            }
+            await #expect(throws: TimeoutError.self) {
+                try await withTimeout(.milliseconds(20)) {
+                    for try await _ in mapped {}
+                }
+            }
+        }
+    }
+
+    @Test func stoppingEarly_cancelsEverything_andLeaksNoTask() async throws {
+        let cancelled = Gauge()
+        let hanging = Gauge()
+        try await expectNoLeakedTasks {
+            let mapped = Counting(range: 0..<1_000_000).map(concurrency: 4, ordered: false) { value in
+                if value >= 10 {
+                    hanging.add(1)
+                    do {
+                        try await Task.sleep(for: .seconds(3600))
+                    } catch {
+                        cancelled.add(1)
+                        throw error
+                    }
+                }
+                return value
+            }
+            var taken = 0
+            for try await _ in mapped {
+                taken += 1
+                if taken == 5 {
+                    await waitUntil("a transform hangs") { hanging.current >= 1 }
+                    break
+                }
+            }
+            #expect(taken == 5)
+        }
+        #expect(cancelled.current >= 1)
+    }
+
+    /// Random sizes, random failures and random early stops: whatever happens, an ordered
+    /// iteration returns a prefix of the expected results, an unordered one distinct
+    /// expected results, and no task is left behind.
+    @Test func randomSchedules_keepTheInvariants() async throws {
+        for round in 0..<stressIterations(default: 60) {
+            let count = Int.random(in: 0..<300)
+            let concurrency = Int.random(in: 1...6)
+            let buffer = Int.random(in: 1...40)
+            let ordered = Bool.random()
+            let failAt = count > 0 && Bool.random() ? Int.random(in: 0..<count) : nil
+            let stopAfter = Bool.random() ? Int.random(in: 0...count) : nil
+            let received = try await expectNoLeakedTasks {
+                let mapped = Counting(range: 0..<count).map(concurrency: concurrency, ordered: ordered, buffer: buffer) { value in
+                    await jitter()
+                    if value == failAt { throw TestFailure(id: value) }
+                    return value
+                }
+                var received: [Int] = []
+                do {
+                    for try await value in mapped {
+                        received.append(value)
+                        if received.count == stopAfter { break }
+                    }
+                    if let failAt, stopAfter == nil {
+                        Issue.record("round \(round): no error although element \(failAt) failed")
+                    }
+                } catch let failure as TestFailure {
+                    #expect(failure.id == failAt)
+                }
+                return received
+            }
+            if ordered {
+                #expect(received == Array(0..<received.count), "round \(round)")
+            } else {
+                #expect(Set(received).count == received.count, "round \(round)")
+                #expect(received.allSatisfy { (0..<count).contains($0) && $0 != failAt })
+            }
+            if failAt == nil, stopAfter == nil {
+                #expect(received.count == count, "round \(round)")
+            }
+        }
+    }
+}
