@@ -47,6 +47,55 @@ let benchmarks: @Sendable () -> Void = {
     deadlineBenchmarks()
     groupBenchmarks()
     resourceBenchmarks()
+    streamBenchmarks()
+}
+
+// MARK: - Streams
+
+/// 0..<count, one element per `next()`, never suspending.
+struct Numbers: AsyncSequence, Sendable {
+    let count: Int
+
+    struct AsyncIterator: AsyncIteratorProtocol {
+        var next = 0
+        let end: Int
+
+        mutating func next() async -> Int? {
+            guard next < end else { return nil }
+            defer { next += 1 }
+            return next
+        }
+    }
+
+    func makeAsyncIterator() -> AsyncIterator { AsyncIterator(end: count) }
+}
+
+func streamBenchmarks() {
+    // One operation = one element through the operator, the transform trivial: what the
+    // operator itself costs per element.
+    for ordered in [false, true] {
+        Benchmark("map.concurrency4.\(ordered ? "ordered" : "unordered")", configuration: allocating(mallocTolerance: 16)) { benchmark in
+            let n = benchmark.scaledIterations.count
+            var sum = 0
+            try await measure(benchmark) { _ in
+                for try await value in Numbers(count: n).map(concurrency: 4, ordered: ordered, buffer: 128, { $0 &* 2 }) {
+                    sum &+= value
+                }
+            }
+            expect(benchmark, sum == n * (n - 1), "sum = \(sum), want \(n * (n - 1))")
+        }
+    }
+
+    Benchmark("merge.4sources", configuration: allocating(mallocTolerance: 16)) { benchmark in
+        let n = benchmark.scaledIterations.count
+        var count = 0
+        try await measure(benchmark) { _ in
+            for try await _ in merge((0..<4).map { share(n, parts: 4, $0) }.map { Numbers(count: $0.count) }) {
+                count += 1
+            }
+        }
+        expect(benchmark, count == n, "count = \(count), want \(n)")
+    }
 }
 
 // MARK: - Resources
