@@ -47,16 +47,59 @@ extension AsyncSequence where Self: Sendable, Element: Sendable {
         buffer: Int? = nil,
         _ transform: @escaping @Sendable (Element) async throws -> Transformed
     ) -> ConcurrentMapSequence<Self, Transformed> {
-        precondition(concurrency > 0, "map(concurrency:): concurrency must be greater than 0, got \(concurrency)")
-        let window = buffer ?? Swift.max(16, 4 * concurrency)
-        precondition(window > 0, "map(concurrency:buffer:): buffer must be greater than 0, got \(window)")
-        return ConcurrentMapSequence(
-            base: self, concurrency: concurrency, ordered: ordered, window: window, transform: transform)
+        ConcurrentMapSequence(
+            base: self, concurrency: concurrency, ordered: ordered,
+            window: concurrentWindow(concurrency: concurrency, buffer: buffer, in: "map")
+        ) { element in
+            try await transform(element)
+        }
+    }
+
+    /// Transforms the elements with up to `concurrency` transforms running at once, and
+    /// leaves out the `nil` results: `map(concurrency:ordered:buffer:_:)`'s fan-out and
+    /// fan-in with a filter. Everything else — order, backpressure, errors, cancellation —
+    /// is as `map(concurrency:ordered:buffer:_:)` describes.
+    ///
+    /// ```swift
+    /// for try await profile in userIDs.compactMap(concurrency: 8) { try await fetchProfile($0) } {
+    ///     index(profile)                                  // users without a profile are left out
+    /// }
+    /// ```
+    ///
+    /// - Parameters:
+    ///   - concurrency: The most transforms running at once. Must be greater than 0.
+    ///   - ordered: Whether results keep the order of the source (`true`, the default) or
+    ///     come in completion order.
+    ///   - buffer: The most elements taken from the source and not yet returned or left out.
+    ///     Must be greater than 0. The default is `max(16, 4 × concurrency)`.
+    ///   - transform: The transform; `nil` leaves the element out.
+    /// - Returns: A sequence of the non-`nil` results.
+    @inlinable
+    public func compactMap<Transformed: Sendable>(
+        concurrency: Int,
+        ordered: Bool = true,
+        buffer: Int? = nil,
+        _ transform: @escaping @Sendable (Element) async throws -> Transformed?
+    ) -> ConcurrentMapSequence<Self, Transformed> {
+        ConcurrentMapSequence(
+            base: self, concurrency: concurrency, ordered: ordered,
+            window: concurrentWindow(concurrency: concurrency, buffer: buffer, in: "compactMap"),
+            transform: transform)
     }
 }
 
-/// The sequence returned by `map(concurrency:ordered:buffer:_:)`: the base sequence's
-/// elements, transformed concurrently.
+/// Checks the arguments of the concurrent operators and returns the window.
+@usableFromInline
+func concurrentWindow(concurrency: Int, buffer: Int?, in function: String) -> Int {
+    precondition(concurrency > 0, "\(function)(concurrency:): concurrency must be greater than 0, got \(concurrency)")
+    let window = buffer ?? Swift.max(16, 4 * concurrency)
+    precondition(window > 0, "\(function)(concurrency:buffer:): buffer must be greater than 0, got \(window)")
+    return window
+}
+
+/// The sequence returned by `map(concurrency:ordered:buffer:_:)` and
+/// `compactMap(concurrency:ordered:buffer:_:)`: the base sequence's elements, transformed
+/// concurrently.
 public struct ConcurrentMapSequence<Base: AsyncSequence & Sendable, Transformed: Sendable>: AsyncSequence, Sendable
 where Base.Element: Sendable {
     /// The transformed element type.
@@ -66,12 +109,12 @@ where Base.Element: Sendable {
     @usableFromInline let concurrency: Int
     @usableFromInline let ordered: Bool
     @usableFromInline let window: Int
-    @usableFromInline let transform: @Sendable (Base.Element) async throws -> Transformed
+    @usableFromInline let transform: @Sendable (Base.Element) async throws -> Transformed?
 
     @inlinable
     init(
         base: Base, concurrency: Int, ordered: Bool, window: Int,
-        transform: @escaping @Sendable (Base.Element) async throws -> Transformed
+        transform: @escaping @Sendable (Base.Element) async throws -> Transformed?
     ) {
         self.base = base
         self.concurrency = concurrency
@@ -84,30 +127,18 @@ where Base.Element: Sendable {
     /// on the first `next()`.
     @inlinable
     public func makeAsyncIterator() -> Iterator {
-        Iterator(MapStreamCore(
-            base: base, concurrency: concurrency, window: window, transform: transform), ordered: ordered)
+        Iterator(inner: MapStreamIterator(
+            MapStreamCore(base: base, concurrency: concurrency, window: window, stats: nil, transform: transform),
+            ordered: ordered))
     }
 
     /// Iterates a ``ConcurrentMapSequence``. Dropping it cancels the iteration's tasks.
     public struct Iterator: AsyncIteratorProtocol {
-        @usableFromInline let handle: MapStreamHandle<Base, Transformed>
-        /// Results taken from the shared state and not yet returned, in arrival order.
-        @usableFromInline var arrived: [(index: Int, value: Transformed)] = []
-        /// The next result of `arrived` to return (unordered mode).
-        @usableFromInline var position = 0
-        /// Ordered mode: results parked until their turn, at `index % window`.
-        @usableFromInline var ring: [Transformed?]
-        /// Ordered mode: the index of the next result to return.
-        @usableFromInline var nextIndex = 0
-        /// Results returned since the consumer last reported to the shared state.
-        @usableFromInline var returned = 0
-        @usableFromInline var started = false
-        @usableFromInline var finished = false
+        @usableFromInline var inner: MapStreamIterator<Base, Transformed>
 
         @inlinable
-        init(_ core: MapStreamCore<Base, Transformed>, ordered: Bool) {
-            handle = MapStreamHandle(core)
-            ring = ordered ? Array(repeating: nil, count: core.window) : []
+        init(inner: MapStreamIterator<Base, Transformed>) {
+            self.inner = inner
         }
 
         /// The next transformed element, or `nil` once every element has been transformed
@@ -117,67 +148,105 @@ where Base.Element: Sendable {
         ///   (or ``TimeoutError``) when the consuming task is cancelled while it waits.
         @inlinable
         public mutating func next() async throws -> Transformed? {
-            let core = handle.core
-            while true {
-                if ring.isEmpty {
-                    if position < arrived.count {
-                        position += 1
-                        returned += 1
-                        return arrived[position - 1].value
-                    }
-                } else {
-                    let slot = nextIndex % ring.count
-                    if let value = ring[slot] {
-                        ring[slot] = nil
-                        nextIndex += 1
-                        returned += 1
+            try await inner.next()
+        }
+    }
+}
+
+/// The consumer's side of one iteration of the concurrent-map engine (behind
+/// ``ConcurrentMapSequence`` and ``PipelineStage``).
+@usableFromInline
+struct MapStreamIterator<Base: AsyncSequence & Sendable, Transformed: Sendable> where Base.Element: Sendable {
+    @usableFromInline let handle: MapStreamHandle<Base, Transformed>
+    /// Results taken from the shared state and not yet returned, in arrival order; `nil`
+    /// for an element left out.
+    @usableFromInline var arrived: [(index: Int, value: Transformed?)] = []
+    /// The next result of `arrived` to return (unordered mode).
+    @usableFromInline var position = 0
+    /// Ordered mode: results parked until their turn, at `index % window` (`.some(nil)`: an
+    /// element left out).
+    @usableFromInline var ring: [Transformed??]
+    /// Ordered mode: the index of the next result to return.
+    @usableFromInline var nextIndex = 0
+    @usableFromInline var started = false
+    @usableFromInline var finished = false
+
+    @inlinable
+    init(_ core: MapStreamCore<Base, Transformed>, ordered: Bool) {
+        handle = MapStreamHandle(core)
+        ring = ordered ? Array(repeating: nil, count: core.window) : []
+    }
+
+    @inlinable
+    mutating func next() async throws -> Transformed? {
+        let core = handle.core
+        while true {
+            if ring.isEmpty {
+                while position < arrived.count {
+                    let value = arrived[position].value
+                    position += 1
+                    handle.returned += 1
+                    if let value {
+                        core.stats?.recordEmitted()
                         return value
                     }
+                    core.stats?.recordLeftOut()
                 }
-                if finished { return nil }
-                if !started {
-                    started = true
-                    core.start()
-                }
-                arrived.removeAll(keepingCapacity: true)
-                position = 0
-                let returned = self.returned
-                self.returned = 0
-                let (action, feeder) = core.state.withLock {
-                    $0.consumerTake(returned: returned, into: &arrived)
-                }
-                feeder?.resume(returning: true)
-                switch action {
-                case .elements:
-                    if !ring.isEmpty {
-                        for (index, value) in arrived {
-                            ring[index % ring.count] = value
-                        }
-                        arrived.removeAll(keepingCapacity: true)
+            } else {
+                while case .some(let entry) = ring[nextIndex % ring.count] {
+                    ring[nextIndex % ring.count] = nil
+                    nextIndex += 1
+                    handle.returned += 1
+                    if let value = entry {
+                        core.stats?.recordEmitted()
+                        return value
                     }
-                case .wait:
-                    if Task.isCancelled {
-                        finish()
-                        throw DeadlineContext.cancellationError()
-                    }
-                    await core.consumerWait()
-                case .finished:
-                    finish()
-                    return nil
-                case .failed(let error):
-                    finish()
-                    throw error
+                    core.stats?.recordLeftOut()
                 }
             }
-        }
-
-        @inlinable
-        mutating func finish() {
-            finished = true
-            arrived = []
+            if finished { return nil }
+            if !started {
+                started = true
+                core.start()
+            }
+            arrived.removeAll(keepingCapacity: true)
             position = 0
-            handle.end()
+            let returned = handle.returned
+            handle.returned = 0
+            let (action, feeder) = core.state.withLock {
+                $0.consumerTake(returned: returned, into: &arrived)
+            }
+            feeder?.resume(returning: true)
+            switch action {
+            case .elements:
+                if !ring.isEmpty {
+                    for (index, value) in arrived {
+                        ring[index % ring.count] = .some(value)
+                    }
+                    arrived.removeAll(keepingCapacity: true)
+                }
+            case .wait:
+                if Task.isCancelled {
+                    finish()
+                    throw DeadlineContext.cancellationError()
+                }
+                await core.consumerWait()
+            case .finished:
+                finish()
+                return nil
+            case .failed(let error):
+                finish()
+                throw error
+            }
         }
+    }
+
+    @inlinable
+    mutating func finish() {
+        finished = true
+        arrived = []
+        position = 0
+        handle.end()
     }
 }
 
@@ -185,6 +254,8 @@ where Base.Element: Sendable {
 @usableFromInline
 final class MapStreamHandle<Base: AsyncSequence & Sendable, Transformed: Sendable> where Base.Element: Sendable {
     @usableFromInline let core: MapStreamCore<Base, Transformed>
+    /// Results returned (or left out) since the consumer last reported to the shared state.
+    @usableFromInline var returned = 0
 
     @inlinable
     init(_ core: MapStreamCore<Base, Transformed>) {
@@ -193,31 +264,37 @@ final class MapStreamHandle<Base: AsyncSequence & Sendable, Transformed: Sendabl
 
     @inlinable
     func end() {
-        core.consumerEnded()
+        core.consumerEnded(unreported: returned)
     }
 
     deinit {
-        core.consumerEnded()
+        core.consumerEnded(unreported: returned)
     }
 }
 
-/// One iteration of a ``ConcurrentMapSequence``: the shared state, the feeder and the
+/// One iteration of the concurrent-map engine: the shared state, the feeder and the
 /// workers (see `MapStreamState` for the state machine).
 @usableFromInline
 final class MapStreamCore<Base: AsyncSequence & Sendable, Transformed: Sendable>: Sendable where Base.Element: Sendable {
     @usableFromInline typealias Element = Base.Element
 
-    @usableFromInline let state: LockedState<MapStreamState<Element, Transformed>>
+    @usableFromInline let state: LockedState<MapStreamState<Element, Transformed?>>
     @usableFromInline let tasks: StreamTasks
     @usableFromInline let base: Base
     @usableFromInline let concurrency: Int
     @usableFromInline let window: Int
-    @usableFromInline let transform: @Sendable (Element) async throws -> Transformed
+    @usableFromInline let transform: @Sendable (Element) async throws -> Transformed?
+    /// The pipeline stage's statistics, when the iteration is a stage's.
+    @usableFromInline let stats: StageCounters?
 
     @inlinable
-    init(base: Base, concurrency: Int, window: Int, transform: @escaping @Sendable (Element) async throws -> Transformed) {
+    init(
+        base: Base, concurrency: Int, window: Int, stats: StageCounters?,
+        transform: @escaping @Sendable (Element) async throws -> Transformed?
+    ) {
+        self.stats = stats
         self.state = LockedState(MapStreamState(window: window, concurrency: concurrency))
-        self.tasks = StreamTasks(name: "map(concurrency:)", limit: concurrency + 1)
+        self.tasks = StreamTasks(name: stats.map { "stage \"\($0.name)\"" } ?? "map(concurrency:)", limit: concurrency + 1)
         self.base = base
         self.concurrency = concurrency
         self.window = window
@@ -243,11 +320,13 @@ final class MapStreamCore<Base: AsyncSequence & Sendable, Transformed: Sendable>
             case .stop:
                 return
             case .wait:
+                let start = stats.map { _ in ContinuousClock.now }
                 let mayPull = await withUnsafeContinuation { continuation in
                     if let (continuation, mayPull) = state.withLock({ $0.feederParked(continuation) }) {
                         continuation.resume(returning: mayPull)
                     }
                 }
+                if let stats, let start { stats.recordWaitingForOutput(start.duration(to: .now)) }
                 guard mayPull else { return }
                 action = .pull
             case .pull:
@@ -264,7 +343,10 @@ final class MapStreamCore<Base: AsyncSequence & Sendable, Transformed: Sendable>
                     consumer?.resume()
                     return
                 }
-                let (worker, next) = state.withLock { $0.elementArrived(element) }
+                let (worker, next) = state.withLock { state in
+                    if !state.isOver { stats?.recordReceived() }
+                    return state.elementArrived(element)
+                }
                 worker?.resume(returning: true)
                 action = next
             }
@@ -285,16 +367,18 @@ final class MapStreamCore<Base: AsyncSequence & Sendable, Transformed: Sendable>
             case .exit:
                 return
             case .wait:
+                let start = stats.map { _ in ContinuousClock.now }
                 let again = await withUnsafeContinuation { continuation in
                     if let (continuation, again) = state.withLock({ $0.workerParked(continuation) }) {
                         continuation.resume(returning: again)
                     }
                 }
+                if let stats, let start { stats.recordWaitingForInput(start.duration(to: .now)) }
                 guard again else { return }
                 wasWoken = true
             case .work:
                 for (index, element) in batch {
-                    let value: Transformed
+                    let value: Transformed?
                     do {
                         value = try await transform(element)
                     } catch {
@@ -332,8 +416,14 @@ final class MapStreamCore<Base: AsyncSequence & Sendable, Transformed: Sendable>
 
     /// The consumer ended the iteration (finished, failed, cancelled or stopped early).
     @inlinable
-    func consumerEnded() {
-        state.withLock { $0.consumerEnded() }.resume()
+    func consumerEnded(unreported: Int) {
+        state.withLock { state in
+            if let stats, !state.consumerHasEnded {
+                // What was taken in and never passed on: no longer in flight.
+                stats.recordDropped(state.fed - state.delivered - unreported)
+            }
+            return state.consumerEnded()
+        }.resume()
         tasks.cancel()
     }
 }

@@ -118,3 +118,30 @@ struct ResourcePreconditionTests {
         await #expect(processExitsWith: .failure) { _ = ObjectPool(capacity: 0) { 0 } }
     }
 }
+
+@Suite("Preconditions: streams")
+struct StreamPreconditionTests {
+    @Test func mapWithoutConcurrency() async {
+        await #expect(processExitsWith: .failure) {
+            _ = Counting(range: 0..<1).map(concurrency: 0) { $0 }
+        }
+    }
+
+    @Test func mapWithoutBuffer() async {
+        await #expect(processExitsWith: .failure) {
+            _ = Counting(range: 0..<1).map(concurrency: 2, buffer: 0) { $0 }
+        }
+    }
+
+    @Test func stageRetryingZeroTimes() async {
+        await #expect(processExitsWith: .failure) {
+            _ = Counting(range: 0..<1).stage("x", onError: .retry(attempts: 0, backoff: .zero)) { $0 }
+        }
+    }
+
+    @Test func stageRetryingARetry() async {
+        await #expect(processExitsWith: .failure) {
+            _ = Counting(range: 0..<1).stage("x", onError: .retry(attempts: 2, backoff: .zero, then: .retry(attempts: 2, backoff: .zero))) { $0 }
+        }
+    }
+}
