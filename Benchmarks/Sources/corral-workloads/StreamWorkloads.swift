@@ -1,6 +1,6 @@
 import Corral
 
-// fan.out_in, map.ordered — see ../shared/bench/WORKLOADS.md.
+// pipeline.3stage, fan.out_in, map.ordered — see ../shared/bench/WORKLOADS.md.
 
 /// Item i of the stream workloads is the value i + 1, pulled from a plain counting sequence
 /// (the Go reference feeds a channel from a goroutine).
@@ -136,4 +136,53 @@ let streamWorkloads: [Workload] = [
         try check(sum == want.sum && hash == want.hash, "sum/hash \(sum)/\(hash), want \(want.sum)/\(want.hash): out of order or lost")
         return Measurement(elapsedNanoseconds: elapsed, extra: ["workers=4", "window=256", "rounds=100"])
     },
+    Workload(name: "pipeline.3stage", impl: "corral", n: 1_000_000) { n in
+        var sum = 0, count = 0
+        let elapsed = try await timed {
+            let pipeline = Values(count: n)
+                .stage("+1", buffer: 50) { Int($0 - 1) + 1 }
+                .stage("*2", buffer: 50) { $0 * 2 }
+            for try await value in pipeline {
+                sum += value
+                count += 1
+            }
+        }
+        try checkPipeline(n: n, sum: sum, count: count)
+        return Measurement(elapsedNanoseconds: elapsed, extra: ["buffer=50"])
+    },
+    Workload(name: "pipeline.3stage", impl: "asyncstream", n: 1_000_000) { n in
+        // What Swift users write today: a task per stage joined by AsyncStreams. AsyncStream
+        // has no bounded buffer with backpressure, so the streams are unbounded.
+        var sum = 0, count = 0
+        let elapsed = await timed {
+            await withTaskGroup(of: Void.self) { group in
+                let (source, toAdd) = AsyncStream.makeStream(of: Int.self)
+                let (added, toDouble) = AsyncStream.makeStream(of: Int.self)
+                let (doubled, toSum) = AsyncStream.makeStream(of: Int.self)
+                group.addTask {
+                    for i in 0..<n { toAdd.yield(i) }
+                    toAdd.finish()
+                }
+                group.addTask {
+                    for await value in source { toDouble.yield(value + 1) }
+                    toDouble.finish()
+                }
+                group.addTask {
+                    for await value in added { toSum.yield(value * 2) }
+                    toSum.finish()
+                }
+                for await value in doubled {
+                    sum += value
+                    count += 1
+                }
+            }
+        }
+        try checkPipeline(n: n, sum: sum, count: count)
+        return Measurement(elapsedNanoseconds: elapsed, extra: ["buffer=unbounded"])
+    },
 ]
+
+func checkPipeline(n: Int, sum: Int, count: Int) throws {
+    try check(count == n, "received \(count) items, want \(n)")
+    try check(sum == n * (n + 1), "sum = \(sum), want \(n * (n + 1))")  // 2(i+1) for i in 0..<n
+}

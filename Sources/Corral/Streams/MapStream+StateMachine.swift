@@ -2,7 +2,9 @@ import DequeModule
 
 /// The state of one iteration of `map(concurrency:ordered:buffer:_:)`: one feeder task pulls
 /// the source into `input`, `concurrency` worker tasks transform from `input` into `output`,
-/// and the consumer (the iterator's `next()`) takes `output` in one swap.
+/// and the consumer (the iterator's `next()`) takes `output` in one swap. With
+/// `concurrency == 1` a lone worker pulls, transforms and appends to `output` itself (no
+/// feeder, no `input`): half the tasks and hand-offs of a pipeline stage.
 ///
 /// Flow control is a window of credits: the feeder pulls an element only while fewer than
 /// `window` elements are taken from the source and not yet returned by `next()` (the
@@ -24,6 +26,8 @@ import DequeModule
 /// |                              | otherwise                         | `.wait` (then `feederParked`) |
 /// | `elementArrived(e)`          | over                              | dropped; the feeder stops |
 /// |                              | —                                 | append to `input`; wake an idle worker unless enough are already waking |
+/// | `soloProduced(v)`            | over                              | dropped; the lone worker stops |
+/// |                              | —                                 | append to `output` (the element is `fed` only now: a lone worker holds one element outside the window's count, and pulls only while `fed - delivered < window`, so the bound holds); wake the consumer |
 /// | `sourceEnded`                | —                                 | wake every idle worker (it takes what is left or exits); wake the consumer if drained |
 /// | `workerTake`                 | over                              | `.exit` |
 /// |                              | `input` non-empty                 | take a chunk, `busy += n`, `.work` |
@@ -115,6 +119,17 @@ struct MapStreamState<Element, Transformed> {
             worker = idle
         }
         return (worker, feederMayPull())
+    }
+
+    /// A lone worker (`concurrency == 1`: it pulls and transforms itself, no input queue)
+    /// produced the result of the next element. Returns the consumer to wake and what the
+    /// worker does next.
+    @inlinable
+    mutating func soloProduced(_ value: Transformed) -> (consumer: UnsafeContinuation<Void, Never>?, next: FeederAction) {
+        guard !isOver else { return (nil, .stop) }
+        output.append((fed, value))
+        fed += 1
+        return (takeConsumer(), feederMayPull())
     }
 
     /// The source ended. Returns the idle workers to wake (each takes what is left or exits;

@@ -230,7 +230,15 @@ struct MapStreamIterator<Base: AsyncSequence & Sendable, Transformed: Sendable> 
                     finish()
                     throw DeadlineContext.cancellationError()
                 }
-                await core.consumerWait()
+                if let downstream = StreamDownstream.stageCounters.get() {
+                    // This consumer is the lone worker of a pipeline stage: its wait here
+                    // is that stage's wait for input.
+                    let start = ContinuousClock.now
+                    await core.consumerWait()
+                    downstream.recordWaitingForInput(start.duration(to: .now))
+                } else {
+                    await core.consumerWait()
+                }
             case .finished:
                 finish()
                 return nil
@@ -272,6 +280,14 @@ final class MapStreamHandle<Base: AsyncSequence & Sendable, Transformed: Sendabl
     }
 }
 
+@usableFromInline
+enum StreamDownstream {
+    /// The counters of the pipeline stage whose lone worker runs in this task, if any: a
+    /// Corral upstream records its consumer's waits there as the stage's wait for input.
+    /// (Spelled without the property wrapper so that inlinable code can use it.)
+    @usableFromInline static let stageCounters = TaskLocal<StageCounters?>(wrappedValue: nil)
+}
+
 /// One iteration of the concurrent-map engine: the shared state, the feeder and the
 /// workers (see `MapStreamState` for the state machine).
 @usableFromInline
@@ -301,13 +317,83 @@ final class MapStreamCore<Base: AsyncSequence & Sendable, Transformed: Sendable>
         self.transform = transform
     }
 
-    /// Starts the feeder and the workers.
+    /// Starts the feeder and the workers, or the lone worker.
     @inlinable
     func start() {
-        tasks.start { [self] in await feed() }
-        for _ in 0..<concurrency {
-            tasks.start { [self] in await work() }
+        // Tasks inherit task-locals: each sets its own `StreamDownstream.stageCounters` (a
+        // lone worker is the downstream of the stage it pulls from; the others are no one's).
+        if concurrency == 1 {
+            tasks.start { [self] in await StreamDownstream.stageCounters.withValue(stats) { await solo() } }
+            return
         }
+        tasks.start { [self] in await StreamDownstream.stageCounters.withValue(nil) { await feed() } }
+        for _ in 0..<concurrency {
+            tasks.start { [self] in await StreamDownstream.stageCounters.withValue(nil) { await work() } }
+        }
+    }
+
+    /// The lone worker (`concurrency == 1`): pulls the source while the window has room,
+    /// transforms, and hands the result to the consumer.
+    @inlinable
+    func solo() async {
+        var iterator = base.makeAsyncIterator()
+        var action = state.withLock { $0.feederMayPull() }
+        while true {
+            switch action {
+            case .stop:
+                return
+            case .wait:
+                guard await waitForRoom() else { return }
+                action = .pull
+            case .pull:
+                let element: Element?
+                do {
+                    element = try await iterator.next()
+                } catch {
+                    fail(error)
+                    return
+                }
+                guard let element else {
+                    sourceEnded()
+                    return
+                }
+                let value: Transformed?
+                do {
+                    value = try await transform(element)
+                } catch {
+                    fail(error)
+                    return
+                }
+                let (consumer, next) = state.withLock { state in
+                    if !state.isOver { stats?.recordReceived() }
+                    return state.soloProduced(value)
+                }
+                consumer?.resume()
+                action = next
+            }
+        }
+    }
+
+    /// Parks the feeder (or lone worker) until the window has room. Returns false when the
+    /// iteration is over.
+    @inlinable
+    func waitForRoom() async -> Bool {
+        let start = stats.map { _ in ContinuousClock.now }
+        let mayPull = await withUnsafeContinuation { continuation in
+            if let (continuation, mayPull) = state.withLock({ $0.feederParked(continuation) }) {
+                continuation.resume(returning: mayPull)
+            }
+        }
+        if let stats, let start { stats.recordWaitingForOutput(start.duration(to: .now)) }
+        return mayPull
+    }
+
+    /// The source has ended: wake the idle workers (to finish) and the consumer (if drained).
+    @inlinable
+    func sourceEnded() {
+        let (workers, consumer) = state.withLock { $0.sourceEnded() }
+        for worker in workers { worker.resume(returning: true) }
+        consumer?.resume()
     }
 
     /// The feeder: pulls the source while the window has room.
@@ -320,14 +406,7 @@ final class MapStreamCore<Base: AsyncSequence & Sendable, Transformed: Sendable>
             case .stop:
                 return
             case .wait:
-                let start = stats.map { _ in ContinuousClock.now }
-                let mayPull = await withUnsafeContinuation { continuation in
-                    if let (continuation, mayPull) = state.withLock({ $0.feederParked(continuation) }) {
-                        continuation.resume(returning: mayPull)
-                    }
-                }
-                if let stats, let start { stats.recordWaitingForOutput(start.duration(to: .now)) }
-                guard mayPull else { return }
+                guard await waitForRoom() else { return }
                 action = .pull
             case .pull:
                 let element: Element?
@@ -338,9 +417,7 @@ final class MapStreamCore<Base: AsyncSequence & Sendable, Transformed: Sendable>
                     return
                 }
                 guard let element else {
-                    let (workers, consumer) = state.withLock { $0.sourceEnded() }
-                    for worker in workers { worker.resume(returning: true) }
-                    consumer?.resume()
+                    sourceEnded()
                     return
                 }
                 let (worker, next) = state.withLock { state in
