@@ -19,6 +19,7 @@ import Musl
 /// Corral's only lock type (see DESIGN.md, "How the hot paths are built"): an
 /// uncontended `pthread_mutex_t` costs a third of `Synchronization.Mutex` on Linux, and
 /// ThreadSanitizer understands it, where it reports false races on `Mutex`'s futex path.
+/// On glibc it is an adaptive mutex (spins a little before it sleeps).
 ///
 /// Rules for callers: keep the critical section short and free of `await`; never resume a
 /// continuation, call user code or cancel a task while holding the lock — return an
@@ -48,7 +49,17 @@ package struct LockedState<State>: @unchecked Sendable {
                 lock.initialize(to: os_unfair_lock())
                 #else
                 lock.initialize(to: pthread_mutex_t())
-                let status = pthread_mutex_init(lock, nil)
+                var attributes = pthread_mutexattr_t()
+                pthread_mutexattr_init(&attributes)
+                #if canImport(Glibc)
+                // Spin briefly before sleeping in the kernel: Corral's critical sections are a
+                // few dozen instructions, so a contended lock is usually free again sooner than
+                // a futex sleep and wake-up take (batch.throughput, 8 adders on one lock:
+                // 495 -> 430 ns per item).
+                pthread_mutexattr_settype(&attributes, Int32(PTHREAD_MUTEX_ADAPTIVE_NP))
+                #endif
+                let status = pthread_mutex_init(lock, &attributes)
+                pthread_mutexattr_destroy(&attributes)
                 precondition(status == 0, "pthread_mutex_init failed with \(status)")
                 #endif
             }

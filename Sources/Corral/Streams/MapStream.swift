@@ -379,12 +379,20 @@ final class MapStreamCore<Base: AsyncSequence & Sendable, Transformed: Sendable>
     @inlinable
     func waitForRoom() async -> Bool {
         let start = stats.map { _ in ContinuousClock.now }
+        // The wait counts as waiting for output only if results are waiting for downstream
+        // when the feeder parks; otherwise the window is full of elements waiting for (or in)
+        // this stage's own workers, and the stage itself is the bottleneck.
+        var downstreamIsBehind = false
         let mayPull = await withUnsafeContinuation { continuation in
-            if let (continuation, mayPull) = state.withLock({ $0.feederParked(continuation) }) {
+            let now = state.withLock { state in
+                downstreamIsBehind = !state.output.isEmpty
+                return state.feederParked(continuation)
+            }
+            if let (continuation, mayPull) = now {
                 continuation.resume(returning: mayPull)
             }
         }
-        if let stats, let start { stats.recordWaitingForOutput(start.duration(to: .now)) }
+        if let stats, let start, downstreamIsBehind { stats.recordWaitingForOutput(start.duration(to: .now)) }
         return mayPull
     }
 

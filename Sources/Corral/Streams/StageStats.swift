@@ -27,8 +27,10 @@ public struct StageStats: Sendable, Hashable, CustomStringConvertible {
     public var inFlight: Int
     /// Time the stage's workers spent with nothing to transform, summed over the workers.
     public var waitingForInput: Duration
-    /// Time the stage spent unable to take more from upstream because its buffer was full:
-    /// downstream was not keeping up.
+    /// Time the stage spent unable to take more from upstream because its buffer was full of
+    /// results downstream had not taken: downstream was not keeping up. (A stage whose buffer
+    /// is full of elements waiting for its own workers is busy, not waiting: that time is in
+    /// neither counter.)
     public var waitingForOutput: Duration
 
     /// One line: the name and every counter.

@@ -145,3 +145,33 @@ struct StreamPreconditionTests {
         }
     }
 }
+
+@Suite("Preconditions: Batcher")
+struct BatcherPreconditionTests {
+    @Test func batcherWithoutSize() async {
+        await #expect(processExitsWith: .failure) {
+            _ = Batcher<Int, Int, ContinuousClock>(maxSize: 0, maxDelay: .seconds(1)) { $0 }
+        }
+    }
+
+    @Test func batcherWithNegativeDelay() async {
+        await #expect(processExitsWith: .failure) {
+            _ = Batcher<Int, Int, ContinuousClock>(maxSize: 1, maxDelay: .seconds(-1)) { $0 }
+        }
+    }
+
+    @Test func batcherWithoutConcurrentBatches() async {
+        await #expect(processExitsWith: .failure) {
+            _ = Batcher<Int, Int, ContinuousClock>(maxSize: 1, maxDelay: .seconds(1), maxConcurrentBatches: 0) { $0 }
+        }
+    }
+
+    @Test func batcherRunTwice() async {
+        await #expect(processExitsWith: .failure) {
+            let batcher = Batcher<Int, Int, ContinuousClock>(maxSize: 1, maxDelay: .seconds(1)) { $0 }
+            batcher.shutdown()
+            try? await batcher.run()
+            try? await batcher.run()
+        }
+    }
+}

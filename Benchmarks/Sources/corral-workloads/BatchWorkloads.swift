@@ -1,0 +1,66 @@
+import Corral
+
+// batch.throughput — see ../shared/bench/WORKLOADS.md.
+
+/// 8 adders, each keeping up to 256 results outstanding; batches of 100, flushed after 10 ms.
+private let adders = 8, batchSize = 100, window = 256
+
+let batchWorkloads: [Workload] = [
+    Workload(name: "batch.throughput", impl: "corral", n: 1_000_000) { n in
+        // The Go reference's Add returns a channel; Corral's `enqueue` returns a ticket. Each
+        // adder awaits its oldest ticket once it has `window` outstanding.
+        let batcher = Batcher<Int, Int, ContinuousClock>(maxSize: batchSize, maxDelay: .milliseconds(10)) { items in
+            items.map { 2 * $0 }
+        }
+        let (elapsed, totals) = try await timedResult {
+            try await withThrowingTaskGroup(of: (received: Int, wrong: Int, sum: Int).self) { group in
+                group.addTask { try await batcher.run(); return (0, 0, 0) }
+                let totals = try await withThrowingTaskGroup(of: (received: Int, wrong: Int, sum: Int).self) { addersGroup in
+                    for adder in 0..<adders {
+                        let range = share(n, parts: adders, adder)
+                        addersGroup.addTask {
+                            var ring: [(ticket: BatchTicket<Int>, want: Int)?] = Array(repeating: nil, count: window)
+                            var head = 0, size = 0
+                            var received = 0, wrong = 0, sum = 0
+                            func awaitOldest() async throws {
+                                let (ticket, want) = ring[head]!
+                                ring[head] = nil
+                                head = (head + 1) % window
+                                size -= 1
+                                let value = try await ticket.value
+                                received += 1
+                                sum += value
+                                if value != want { wrong += 1 }
+                            }
+                            for x in range {
+                                if size == window { try await awaitOldest() }
+                                ring[(head + size) % window] = (try batcher.enqueue(x), 2 * x)
+                                size += 1
+                            }
+                            while size > 0 { try await awaitOldest() }
+                            return (received, wrong, sum)
+                        }
+                    }
+                    var totals = (received: 0, wrong: 0, sum: 0)
+                    for try await part in addersGroup {
+                        totals.received += part.received
+                        totals.wrong += part.wrong
+                        totals.sum += part.sum
+                    }
+                    batcher.shutdown()
+                    return totals
+                }
+                try await group.waitForAll()
+                return totals
+            }
+        }
+        try check(totals.wrong == 0, "\(totals.wrong) callers got a result that was not their item doubled")
+        try check(totals.received == n, "received \(totals.received) results, want \(n)")
+        try check(totals.sum == n * (n - 1), "sum of results = \(totals.sum), want \(n * (n - 1))")
+        let stats = batcher.stats
+        return Measurement(elapsedNanoseconds: elapsed, extra: [
+            "adders=8", "batch=100", "interval_ms=10", "window=\(window)",
+            "size_flushes=\(stats.flushedBySize)", "delay_flushes=\(stats.flushedByDelay)",
+        ])
+    },
+]

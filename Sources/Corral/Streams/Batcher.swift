@@ -1,0 +1,319 @@
+/// Collects items from many callers into batches for one handler call each — GraphQL
+/// DataLoader's pattern — and gives every caller its own item's result.
+///
+/// ```swift
+/// let inserts = Batcher(maxSize: 100, maxDelay: .milliseconds(10)) { (rows: [Row]) in
+///     try await db.insert(rows)                  // returns one id per row, in order
+/// }
+/// try await withErrorGroup { group in
+///     try await group.addTask { try await inserts.run() }   // the flush timer and the handler calls
+///     let id = try await inserts.submit(row)                // this row's id
+///     inserts.shutdown()                                    // flush what is buffered; run() returns
+/// }
+/// ```
+///
+/// ## Flushing
+/// A batch is handed to the handler when it holds `maxSize` items, or `maxDelay` after its
+/// first item arrived — a per-batch deadline, not a free-running ticker: an idle batcher does
+/// nothing, and no item waits longer than `maxDelay` for its batch to be sent (plus the wait
+/// for a handler slot). At most `maxConcurrentBatches` handler calls run at once; batches
+/// sealed meanwhile wait in order.
+///
+/// ## Results and errors
+/// The handler receives the items in submission order and must return one output per item,
+/// in the same order: caller *i* gets output *i*. If it throws, every caller of that batch —
+/// and only of that batch — gets its error; if it returns the wrong number of outputs, every
+/// caller of that batch gets ``BatcherError`` (code `.outputCountMismatch`). Other batches are
+/// unaffected.
+///
+/// ## Lifecycle
+/// Items may be submitted before ``run()`` starts: they wait for it. ``run()`` runs the flush
+/// timer and the handler calls as its child tasks, and returns after ``shutdown()`` once
+/// every accepted item has been handled (what was buffered is flushed at once, without
+/// waiting for `maxDelay`). Submissions after ``shutdown()`` throw ``BatcherError`` (code
+/// `.shutdown`). Cancelling the task running ``run()`` shuts the batcher down the same way,
+/// except that the final handler calls run in a cancelled task (a handler that checks for
+/// cancellation fails its batch with `CancellationError`); ``run()`` then throws
+/// `CancellationError`.
+///
+/// ## Accounting
+/// Every accepted item ends in exactly one of: handled (its caller got its output), failed
+/// (its caller got the batch's error) or withdrawn (its caller was cancelled before the batch
+/// was sent). Once ``run()`` has returned, `stats.submitted == handled + failed + withdrawn`.
+///
+/// ## Backpressure
+/// Each caller waits for its own result, so the items held are bounded by the number of
+/// callers waiting (or, with ``enqueue(_:)``, by the tickets the caller keeps): bound the
+/// callers — with a worker pool, a pipeline stage or an error group's `limit` — to bound the
+/// batcher.
+public final class Batcher<Item: Sendable, Output: Sendable, C: Clock>: Sendable where C.Duration == Duration {
+    /// The most items in one batch.
+    public let maxSize: Int
+    /// How long after its first item a batch is sent, if it is not full before.
+    public let maxDelay: Duration
+    /// The most handler calls running at once.
+    public let maxConcurrentBatches: Int
+    /// The batcher's name, used in errors and diagnostics.
+    public let name: String
+    /// The clock that times `maxDelay`.
+    public let clock: C
+
+    let handler: @Sendable ([Item]) async throws -> [Output]
+    @usableFromInline let state: LockedState<BatcherState<Item, Output, C>>
+
+    /// Creates a batcher timed by `clock`; nothing is sent before ``run()`` starts.
+    ///
+    /// - Parameters:
+    ///   - maxSize: The most items in one batch; a full batch is sent at once.
+    ///   - maxDelay: How long after its first item a batch is sent if it is not full
+    ///     (`.zero`: as soon as a handler slot is free — batching only what gathers meanwhile).
+    ///   - maxConcurrentBatches: The most handler calls running at once.
+    ///   - name: A name for errors and diagnostics.
+    ///   - clock: The clock that times `maxDelay` (a `ManualClock` in tests).
+    ///   - handler: Handles one batch: returns one output per item, in order.
+    /// - Precondition: `maxSize >= 1`, `maxDelay >= .zero`, `maxConcurrentBatches >= 1`.
+    public init(
+        maxSize: Int,
+        maxDelay: Duration,
+        maxConcurrentBatches: Int = 1,
+        name: String = "batcher",
+        clock: C,
+        handler: @escaping @Sendable ([Item]) async throws -> [Output]
+    ) {
+        precondition(maxSize >= 1, "Batcher(maxSize:): maxSize must be at least 1, got \(maxSize)")
+        precondition(maxDelay >= .zero, "Batcher(maxDelay:): maxDelay must not be negative, got \(maxDelay)")
+        precondition(
+            maxConcurrentBatches >= 1,
+            "Batcher(maxConcurrentBatches:): maxConcurrentBatches must be at least 1, got \(maxConcurrentBatches)"
+        )
+        self.maxSize = maxSize
+        self.maxDelay = maxDelay
+        self.maxConcurrentBatches = maxConcurrentBatches
+        self.name = name
+        self.clock = clock
+        self.handler = handler
+        self.state = LockedState(BatcherState(
+            maxSize: maxSize, maxDelay: maxDelay, maxConcurrentBatches: maxConcurrentBatches, clock: clock
+        ))
+    }
+
+    /// Submits an item and waits for its own result.
+    ///
+    /// - Returns: The handler's output for this item.
+    /// - Throws: The handler's error if this item's batch failed; ``BatcherError`` when the
+    ///   batcher is shut down (code `.shutdown`: the item was not accepted) or the handler
+    ///   returned the wrong number of outputs (`.outputCountMismatch`); `CancellationError`
+    ///   (or ``TimeoutError``) when the calling task is cancelled — if the item's batch has not
+    ///   been sent yet, the item is withdrawn from it, otherwise it is handled and its result
+    ///   discarded.
+    @inlinable
+    public func submit(_ item: Item) async throws -> Output {
+        if Task.isCancelled { throw DeadlineContext.cancellationError() }
+        let ticket = try enqueue(item)
+        let state = self.state
+        let outcome = ticket.outcome
+        let slot = ticket.slot
+        return try await outcome.value(slot: slot) {
+            _ = state.withLock { $0.withdraw(outcome, slot: slot) }
+        }
+    }
+
+    /// Adds an item without waiting; the ticket gives its result later.
+    ///
+    /// For a caller that keeps many items outstanding from one task — Go's `Add` returning a
+    /// channel — without a task per item. Dropping the ticket discards the result; the item
+    /// is handled all the same.
+    ///
+    /// - Returns: A ticket: `try await ticket.value` is this item's output.
+    /// - Throws: ``BatcherError`` (code `.shutdown`) when the batcher is shut down; the item
+    ///   was not accepted.
+    @inlinable
+    public func enqueue(_ item: Item) throws -> BatchTicket<Output> {
+        switch state.withLock({ $0.enqueue(item) }) {
+        case .accepted(let outcome, let slot, let wake):
+            wake.resume()
+            return BatchTicket(outcome: outcome, slot: slot)
+        case .refused:
+            throw BatcherError.shutdown(batcher: name)
+        }
+    }
+
+    /// Runs the flush timer and the handler calls until the batcher is shut down and every
+    /// accepted item has been handled.
+    ///
+    /// Call it once, typically as a child task of the code that owns the batcher (or as a
+    /// `Service`'s `run()`).
+    ///
+    /// - Throws: `CancellationError` when the calling task is cancelled: the batcher is shut
+    ///   down (what is buffered is sent, to handler calls that run cancelled), and this throws
+    ///   once every handler call has returned.
+    /// - Precondition: `run()` is called once in the batcher's life.
+    public func run() async throws {
+        state.withLock { $0.runStarting() }
+        await withTaskCancellationHandler {
+            await withDiscardingTaskGroup { group in
+                let timerEntry = LedgerEntry(kind: "Batcher", name: name)
+                group.addTask {
+                    defer { timerEntry.close() }
+                    await self.runTimer()
+                }
+                while case .dispatch(let batch) = await nextSupervisorAction() {
+                    let entry = LedgerEntry(kind: "Batcher", name: name)
+                    group.addTask {
+                        defer { entry.close() }
+                        await self.handle(batch)
+                    }
+                }
+                // Finished: every batch is handled. The timer may be asleep on the clock.
+                group.cancelAll()
+            }
+        } onCancel: {
+            shutdown()
+        }
+        if Task.isCancelled { throw CancellationError() }
+    }
+
+    /// Stops accepting items and sends what is buffered at once; ``run()`` returns when every
+    /// batch has been handled. Idempotent; may be called before ``run()``.
+    public func shutdown() {
+        state.withLock { $0.shutdown() }.resume()
+    }
+
+    /// A snapshot of the batcher's counters.
+    public var stats: BatcherStats {
+        state.withLock { $0.snapshot }
+    }
+
+    // MARK: run()'s tasks
+
+    private func nextSupervisorAction() async -> BatcherState<Item, Output, C>.SupervisorAction {
+        await withUnsafeContinuation { continuation in
+            if let (continuation, action) = state.withLock({ $0.supervisorNext(continuation) }) {
+                continuation.resume(returning: action)
+            }
+        }
+    }
+
+    /// Seals each open batch when its deadline passes.
+    private func runTimer() async {
+        while true {
+            let action = await withUnsafeContinuation { continuation in
+                if let (continuation, action) = state.withLock({ $0.timerNext(continuation) }) {
+                    continuation.resume(returning: action)
+                }
+            }
+            guard case .sleep(let deadline, let generation) = action else { return }
+            do {
+                try await clock.sleep(until: deadline, tolerance: nil)
+            } catch {
+                return  // run() is finishing (or was cancelled: shutdown sealed the batch)
+            }
+            state.withLock { $0.timerFired(generation: generation) }.resume()
+        }
+    }
+
+    /// Calls the handler for one batch and completes its callers.
+    private func handle(_ batch: BatcherState<Item, Output, C>.SealedBatch) async {
+        let result: Result<[Output], any Error>
+        do {
+            let outputs = try await handler(batch.items)
+            if outputs.count == batch.items.count {
+                result = .success(outputs)
+            } else {
+                result = .failure(BatcherError.outputCountMismatch(
+                    batcher: name, expected: batch.items.count, actual: outputs.count
+                ))
+            }
+        } catch {
+            result = .failure(error)
+        }
+        batch.outcome.complete(result, slotToOutput: batch.slotToOutput)
+        let failed = if case .failure = result { true } else { false }
+        state.withLock { $0.batchFinished(items: batch.items.count, failed: failed) }.resume()
+    }
+}
+
+extension Batcher where C == ContinuousClock {
+    /// Creates a batcher timed by the continuous clock; nothing is sent before ``run()``
+    /// starts. See ``init(maxSize:maxDelay:maxConcurrentBatches:name:clock:handler:)``.
+    public convenience init(
+        maxSize: Int,
+        maxDelay: Duration,
+        maxConcurrentBatches: Int = 1,
+        name: String = "batcher",
+        handler: @escaping @Sendable ([Item]) async throws -> [Output]
+    ) {
+        self.init(
+            maxSize: maxSize, maxDelay: maxDelay, maxConcurrentBatches: maxConcurrentBatches,
+            name: name, clock: ContinuousClock(), handler: handler
+        )
+    }
+}
+
+/// The result of one item added with ``Batcher/enqueue(_:)``: await ``value``.
+///
+/// A ticket may be awaited any number of times, from any task.
+public struct BatchTicket<Output: Sendable>: Sendable {
+    @usableFromInline let outcome: BatchOutcome<Output>
+    @usableFromInline let slot: Int
+
+    @inlinable
+    init(outcome: BatchOutcome<Output>, slot: Int) {
+        self.outcome = outcome
+        self.slot = slot
+    }
+
+    /// The item's output, waiting for its batch to be handled.
+    ///
+    /// - Throws: The handler's error if the item's batch failed; ``BatcherError`` (code
+    ///   `.outputCountMismatch`) if the handler returned the wrong number of outputs;
+    ///   `CancellationError` (or ``TimeoutError``) when the waiting task is cancelled — the
+    ///   item stays in its batch and is handled all the same.
+    @inlinable
+    public var value: Output {
+        get async throws {
+            try await outcome.value(slot: slot) {}
+        }
+    }
+}
+
+/// A snapshot of a ``Batcher``'s counters.
+public struct BatcherStats: Hashable, Sendable, CustomStringConvertible {
+    /// Items accepted.
+    public var submitted = 0
+    /// Items whose caller got its output.
+    public var handled = 0
+    /// Items whose batch failed (the handler threw or returned the wrong number of outputs).
+    public var failed = 0
+    /// Items withdrawn by their caller's cancellation before their batch was sent.
+    public var withdrawn = 0
+    /// Items accepted and not yet sent to the handler.
+    public var buffered = 0
+    /// Handler calls started.
+    public var batches = 0
+    /// Handler calls that failed.
+    public var failedBatches = 0
+    /// Handler calls running now.
+    public var inFlightBatches = 0
+    /// The most handler calls running at once.
+    public var peakConcurrentBatches = 0
+    /// Batches sent because they were full.
+    public var flushedBySize = 0
+    /// Batches sent because `maxDelay` had passed since their first item.
+    public var flushedByDelay = 0
+    /// Batches sent by shutdown.
+    public var flushedByShutdown = 0
+
+    /// Creates empty counters.
+    public init() {}
+
+    /// Items accepted and not yet ended.
+    public var unfinished: Int { submitted - handled - failed - withdrawn }
+
+    /// The counters on one line.
+    public var description: String {
+        "submitted \(submitted), handled \(handled), failed \(failed), withdrawn \(withdrawn), buffered \(buffered); "
+            + "batches \(batches) (by size \(flushedBySize), by delay \(flushedByDelay), by shutdown \(flushedByShutdown), "
+            + "failed \(failedBatches), in flight \(inFlightBatches), peak \(peakConcurrentBatches))"
+    }
+}
