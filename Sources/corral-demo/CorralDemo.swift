@@ -12,11 +12,13 @@ import Darwin
 struct CorralDemo: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "corral-demo",
-        abstract: "Runs Corral's demo scenarios: a tiered API-quota client and a worker pool under load.",
+        abstract: "Runs Corral's demo scenarios: a tiered API-quota client, a worker pool under load, and a pipeline into a batched file writer.",
         discussion: """
-            With no subcommand, runs every scenario with its defaults. Press Ctrl-C during the             pool scenario to shut the pool down gracefully: the final accounting still covers             every job.
+            With no subcommand, runs every scenario with its defaults. Press Ctrl-C during the \
+            pool scenario to shut the pool down gracefully: the final accounting still covers \
+            every job.
             """,
-        subcommands: [Everything.self, QuotaScenario.self, PoolScenario.self],
+        subcommands: [Everything.self, QuotaScenario.self, PoolScenario.self, PipelineScenario.self],
         defaultSubcommand: Everything.self
     )
 }
@@ -32,6 +34,8 @@ struct Everything: AsyncParsableCommand {
         try await QuotaScenario.parse([]).run()
         print()
         try await PoolScenario.parse([]).run()
+        print()
+        try await PipelineScenario.parse([]).run()
     }
 }
 

@@ -127,17 +127,7 @@ struct PoolScenario: AsyncParsableCommand {
 }
 
 private func printProgress(_ stats: WorkerPool.Stats) {
-    let line = "  queued \(stats.queued), workers \(stats.workers) (busy \(stats.busy)), completed \(stats.completed), failed \(stats.failed), refused \(stats.refused)"
-    if isatty(STDOUT_FILENO) != 0 {
-        print("\r\u{1B}[2K" + line, terminator: "")
-        fflushStandardOutput()
-    } else {
-        print(line)
-    }
-}
-
-private func fflushStandardOutput() {
-    fflush(nil)  // every output stream: stdout is a C global that Swift 6 cannot touch safely
+    printStatus("  queued \(stats.queued), workers \(stats.workers) (busy \(stats.busy)), completed \(stats.completed), failed \(stats.failed), refused \(stats.refused)")
 }
 
 /// A job's simulated failure: reaches its handle, counted by reason in the report.
