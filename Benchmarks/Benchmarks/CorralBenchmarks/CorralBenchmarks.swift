@@ -96,6 +96,54 @@ func streamBenchmarks() {
         }
         expect(benchmark, count == n, "count = \(count), want \(n)")
     }
+
+    Benchmark("fanOut.4consumers", configuration: allocating(mallocTolerance: 16)) { benchmark in
+        let n = benchmark.scaledIterations.count
+        let sum = try await measure(benchmark) { _ in
+            try await withThrowingTaskGroup(of: Int.self) { group in
+                for part in Numbers(count: n).fanOut(4, buffer: 64) {
+                    group.addTask {
+                        var partial = 0
+                        for try await value in part { partial &+= value }
+                        return partial
+                    }
+                }
+                var total = 0
+                for try await partial in group { total &+= partial }
+                return total
+            }
+        }
+        expect(benchmark, sum == n * (n - 1) / 2, "sum = \(sum), want \(n * (n - 1) / 2)")
+    }
+
+    // One operation = one item through the batcher: enqueue, then its result from the ticket
+    // (one adder keeping 256 outstanding, batches of 100).
+    Benchmark("Batcher.enqueue.batch100", configuration: allocating(mallocTolerance: 16)) { benchmark in
+        let n = benchmark.scaledIterations.count
+        let batcher = Batcher<Int, Int, ContinuousClock>(maxSize: 100, maxDelay: .milliseconds(10)) { items in
+            items.map { $0 &* 2 }
+        }
+        var sum = 0
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { try await batcher.run() }
+            try await measure(benchmark) { _ in
+                var outstanding: [BatchTicket<Int>] = []
+                outstanding.reserveCapacity(256)
+                var head = 0
+                for item in 0..<n {
+                    if outstanding.count - head == 256 {
+                        sum &+= try await outstanding[head].value
+                        head += 1
+                    }
+                    outstanding.append(try batcher.enqueue(item))
+                }
+                batcher.shutdown()
+                for ticket in outstanding[head...] { sum &+= try await ticket.value }
+            }
+            try await group.waitForAll()
+        }
+        expect(benchmark, sum == n * (n - 1), "sum = \(sum), want \(n * (n - 1))")
+    }
 }
 
 // MARK: - Resources

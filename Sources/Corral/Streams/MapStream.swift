@@ -3,7 +3,8 @@ extension AsyncSequence where Self: Sendable, Element: Sendable {
     /// fan-out to a fixed set of workers and fan-in of their results, as one operator.
     ///
     /// ```swift
-    /// for try await thumbnail in photos.map(concurrency: 8) { try await render($0) } {
+    /// let thumbnails = photos.map(concurrency: 8) { try await render($0) }
+    /// for try await thumbnail in thumbnails {
     ///     save(thumbnail)
     /// }
     /// ```
@@ -61,7 +62,8 @@ extension AsyncSequence where Self: Sendable, Element: Sendable {
     /// is as `map(concurrency:ordered:buffer:_:)` describes.
     ///
     /// ```swift
-    /// for try await profile in userIDs.compactMap(concurrency: 8) { try await fetchProfile($0) } {
+    /// let profiles = userIDs.compactMap(concurrency: 8) { try await fetchProfile($0) }
+    /// for try await profile in profiles {
     ///     index(profile)                                  // users without a profile are left out
     /// }
     /// ```

@@ -8,8 +8,9 @@
 /// ```
 ///
 /// Unlike swift-async-algorithms' `merge(_:_:)` and `merge(_:_:_:)`, it takes a collection, so
-/// there are no per-arity copies: merge 0, 1 or 100 sequences the same way (of one type;
-/// erase differing types to `any AsyncSequence<Element, Failure> & Sendable`, or wrap them).
+/// there are no per-arity copies: merge 0, 1 or 100 sequences the same way. The sources are
+/// of one type; to merge sequences of different types, send from a task per source into one
+/// ``BoundedChannel`` (see the fan-out/fan-in article).
 ///
 /// Each iteration starts one task per source on its first `next()`; the tasks are tracked
 /// (and leak-checked by CorralTesting's `expectNoLeakedTasks`), and each is at most one

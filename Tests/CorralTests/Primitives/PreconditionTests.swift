@@ -175,3 +175,18 @@ struct BatcherPreconditionTests {
         }
     }
 }
+
+@Suite("Preconditions: fanOut")
+struct FanOutPreconditionTests {
+    @Test func fanOutToNoConsumer() async {
+        await #expect(processExitsWith: .failure) {
+            _ = Counting(range: 0..<1).fanOut(0)
+        }
+    }
+
+    @Test func fanOutWithNegativeBuffer() async {
+        await #expect(processExitsWith: .failure) {
+            _ = Counting(range: 0..<1).fanOut(2, buffer: -1)
+        }
+    }
+}

@@ -1,0 +1,119 @@
+@testable import Corral
+import CorralTesting
+import Testing
+
+@Suite("fanOut")
+struct FanOutTests {
+    /// Drains `part` into `log`.
+    private func drain(_ part: FanOutSequence<some AsyncSequence<Int, any Error> & Sendable>, into log: Log<Int>) async throws {
+        for try await element in part { log.append(element) }
+    }
+
+    @Test(arguments: [0, 1, 7, nil])
+    func eachElementReachesExactlyOneConsumer(buffer: Int?) async throws {
+        let received = Log<Int>()
+        let perConsumer = (0..<4).map { _ in Gauge() }
+        let parts = Counting(range: 0..<1_000).fanOut(4, buffer: buffer)
+        #expect(parts.count == 4)
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for (index, part) in parts.enumerated() {
+                group.addTask {
+                    for try await element in part {
+                        received.append(element)
+                        perConsumer[index].add(1)
+                    }
+                }
+            }
+            try await group.waitForAll()
+        }
+        #expect(received.elements.sorted() == Array(0..<1_000), "lost or duplicated elements")
+        #expect(perConsumer.map(\.current).reduce(0, +) == 1_000)
+    }
+
+    @Test func stalledConsumer_doesNotStallTheOthers() async throws {
+        let parts = Counting(range: 0..<300).fanOut(3, buffer: 4)
+        var stalled = parts[0].makeAsyncIterator()
+        let first = try await stalled.next()   // takes one element, then stops asking
+        #expect(first != nil)
+        let received = Log<Int>()
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for part in parts[1...] {
+                group.addTask { try await drain(part, into: received) }
+            }
+            try await group.waitForAll()
+        }
+        // The other two got everything else; the stalled one holds nothing back.
+        #expect((received.elements + [first!]).sorted() == Array(0..<300))
+        #expect(try await stalled.next() == nil)
+    }
+
+    @Test func sourceError_reachesEveryConsumer_afterTheBufferedElements() async throws {
+        let parts = Scripted(elements: [1, 2, 3], failure: TestFailure(id: 9)).fanOut(2, buffer: 8)
+        let received = Log<Int>()
+        let failures = Log<TestFailure>()
+        await withTaskGroup(of: Void.self) { group in
+            for part in parts {
+                group.addTask {
+                    var iterator = part.makeAsyncIterator()
+                    do {
+                        while let element = try await iterator.next() { received.append(element) }
+                        Issue.record("a consumer ended without the source's error")
+                    } catch let failure as TestFailure {
+                        failures.append(failure)
+                        // The iteration is over after its error.
+                        #expect(try! await iterator.next() == nil)
+                    } catch {
+                        Issue.record("unexpected \(error)")
+                    }
+                }
+            }
+        }
+        #expect(received.elements.sorted() == [1, 2, 3], "elements already pulled were lost")
+        #expect(failures.elements == [TestFailure(id: 9), TestFailure(id: 9)])
+    }
+
+    @Test func cancelledConsumer_endsAlone() async throws {
+        let source = BoundedChannel<Int>(capacity: 0)
+        let parts = source.fanOut(2, buffer: 0)
+        let received = Log<Int>()
+        let cancelled = Task { try await drain(parts[0], into: received) }
+        let other = Task { try await drain(parts[1], into: received) }
+        cancelled.cancel()
+        await #expect(throws: CancellationError.self) { try await cancelled.value }
+        for element in 0..<50 { try await source.send(element) }
+        source.close()
+        try await other.value
+        #expect(received.elements.sorted() == Array(0..<50), "the surviving consumer missed elements")
+    }
+
+    @Test func slowConsumer_boundsWhatIsPulled() async throws {
+        let produced = Gauge()
+        let parts = Counting(range: 0..<1_000, produced: produced).fanOut(1, buffer: 4)
+        var iterator = parts[0].makeAsyncIterator()
+        _ = try await iterator.next()
+        // The feeder fills the buffer and then waits with one element in hand.
+        await waitUntil("the buffer filled") { produced.current >= 6 }
+        for _ in 0..<1_000 { await Task.yield() }
+        #expect(produced.current <= 1 + 4 + 1, "pulled \(produced.current) with one element taken and a buffer of 4")
+    }
+
+    @Test func droppingEveryConsumer_stopsTheSource_andLeavesNoTask() async throws {
+        let sourceCancelled = Gauge()
+        try await expectNoLeakedTasks {
+            let gate = try await closedGate()
+            let parts = Scripted(elements: [1, 2], gate: gate, cancelled: sourceCancelled).fanOut(3)
+            var iterator = parts[1].makeAsyncIterator()
+            #expect(try await iterator.next() == 1)
+            #expect(try await iterator.next() == 2)
+            // The source now waits on the gate; the consumers and their iterators go away.
+        }
+        #expect(sourceCancelled.current == 1, "the source's iteration was not cancelled")
+    }
+
+    @Test func emptySource_endsEveryConsumer() async throws {
+        for part in Counting(range: 0..<0).fanOut(3) {
+            var iterator = part.makeAsyncIterator()
+            #expect(try await iterator.next() == nil)
+        }
+    }
+}
