@@ -40,13 +40,16 @@ extension AsyncSequence where Self: Sendable, Element: Sendable {
     ///     Must be greater than 0; values below `concurrency` limit the concurrency. The
     ///     default is `max(16, 4 × concurrency)`.
     ///   - transform: The transform, called once per element, from several tasks at once.
+    ///     It runs on the operator's worker tasks, off any actor (it is
+    ///     `nonisolated(nonsending)` so that calling it costs no executor switch; a closure
+    ///     isolated to an actor still runs on that actor).
     /// - Returns: A sequence of the transformed elements.
     @inlinable
     public func map<Transformed: Sendable>(
         concurrency: Int,
         ordered: Bool = true,
         buffer: Int? = nil,
-        _ transform: @escaping @Sendable (Element) async throws -> Transformed
+        _ transform: nonisolated(nonsending) @escaping @Sendable (Element) async throws -> Transformed
     ) -> ConcurrentMapSequence<Self, Transformed> {
         ConcurrentMapSequence(
             base: self, concurrency: concurrency, ordered: ordered,
@@ -81,7 +84,7 @@ extension AsyncSequence where Self: Sendable, Element: Sendable {
         concurrency: Int,
         ordered: Bool = true,
         buffer: Int? = nil,
-        _ transform: @escaping @Sendable (Element) async throws -> Transformed?
+        _ transform: nonisolated(nonsending) @escaping @Sendable (Element) async throws -> Transformed?
     ) -> ConcurrentMapSequence<Self, Transformed> {
         ConcurrentMapSequence(
             base: self, concurrency: concurrency, ordered: ordered,
@@ -111,12 +114,12 @@ where Base.Element: Sendable {
     @usableFromInline let concurrency: Int
     @usableFromInline let ordered: Bool
     @usableFromInline let window: Int
-    @usableFromInline let transform: @Sendable (Base.Element) async throws -> Transformed?
+    @usableFromInline let transform: nonisolated(nonsending) @Sendable (Base.Element) async throws -> Transformed?
 
     @inlinable
     init(
         base: Base, concurrency: Int, ordered: Bool, window: Int,
-        transform: @escaping @Sendable (Base.Element) async throws -> Transformed?
+        transform: nonisolated(nonsending) @escaping @Sendable (Base.Element) async throws -> Transformed?
     ) {
         self.base = base
         self.concurrency = concurrency
@@ -152,6 +155,13 @@ where Base.Element: Sendable {
         public mutating func next() async throws -> Transformed? {
             try await inner.next()
         }
+
+        /// The next transformed element; see ``next()``. Runs on the caller's isolation (no
+        /// executor hop per element).
+        @inlinable
+        public mutating func next(isolation actor: isolated (any Actor)?) async throws -> Transformed? {
+            try await inner.next()
+        }
     }
 }
 
@@ -180,6 +190,7 @@ struct MapStreamIterator<Base: AsyncSequence & Sendable, Transformed: Sendable> 
     }
 
     @inlinable
+    nonisolated(nonsending)
     mutating func next() async throws -> Transformed? {
         let core = handle.core
         while true {
@@ -301,14 +312,14 @@ final class MapStreamCore<Base: AsyncSequence & Sendable, Transformed: Sendable>
     @usableFromInline let base: Base
     @usableFromInline let concurrency: Int
     @usableFromInline let window: Int
-    @usableFromInline let transform: @Sendable (Element) async throws -> Transformed?
+    @usableFromInline let transform: nonisolated(nonsending) @Sendable (Element) async throws -> Transformed?
     /// The pipeline stage's statistics, when the iteration is a stage's.
     @usableFromInline let stats: StageCounters?
 
     @inlinable
     init(
         base: Base, concurrency: Int, window: Int, stats: StageCounters?,
-        transform: @escaping @Sendable (Element) async throws -> Transformed?
+        transform: nonisolated(nonsending) @escaping @Sendable (Element) async throws -> Transformed?
     ) {
         self.stats = stats
         self.state = LockedState(MapStreamState(window: window, concurrency: concurrency))

@@ -62,7 +62,7 @@ extension AsyncSequence where Self: Sendable, Element: Sendable {
         buffer: Int? = nil,
         ordered: Bool = true,
         onError: StageErrorPolicy = .fail,
-        _ transform: @escaping @Sendable (Element) async throws -> Output
+        _ transform: nonisolated(nonsending) @escaping @Sendable (Element) async throws -> Output
     ) -> PipelineStage<Self, Output> {
         PipelineStage(
             base: self, name: name, concurrency: concurrency,
@@ -83,12 +83,12 @@ where Base.Element: Sendable {
     @usableFromInline let window: Int
     @usableFromInline let ordered: Bool
     @usableFromInline let counters: StageCounters
-    @usableFromInline let transform: @Sendable (Base.Element) async throws -> Output?
+    @usableFromInline let transform: nonisolated(nonsending) @Sendable (Base.Element) async throws -> Output?
 
     @inlinable
     init(
         base: Base, name: String, concurrency: Int, window: Int, ordered: Bool,
-        policy: StageErrorPolicy, transform: @escaping @Sendable (Base.Element) async throws -> Output
+        policy: StageErrorPolicy, transform: nonisolated(nonsending) @escaping @Sendable (Base.Element) async throws -> Output
     ) {
         validate(policy, stage: name)
         let counters = StageCounters(name: name)
@@ -151,6 +151,13 @@ where Base.Element: Sendable {
         public mutating func next() async throws -> Output? {
             try await inner.next()
         }
+
+        /// The next output of the pipeline; see ``next()``. Runs on the caller's isolation
+        /// (no executor hop per element).
+        @inlinable
+        public mutating func next(isolation actor: isolated (any Actor)?) async throws -> Output? {
+            try await inner.next()
+        }
     }
 }
 
@@ -180,7 +187,7 @@ func applying<Input, Output>(
     attempt: Int,
     to element: Input,
     counters: StageCounters,
-    _ transform: @Sendable (Input) async throws -> Output
+    _ transform: nonisolated(nonsending) @Sendable (Input) async throws -> Output
 ) async throws -> Output? {
     do {
         return try await transform(element)
@@ -198,7 +205,7 @@ func handle<Input, Output>(
     attempt: Int,
     to element: Input,
     counters: StageCounters,
-    _ transform: @Sendable (Input) async throws -> Output
+    _ transform: nonisolated(nonsending) @Sendable (Input) async throws -> Output
 ) async throws -> Output? {
     switch policy {
     case .fail:
