@@ -246,4 +246,14 @@ struct MapStreamTests {
             }
         }
     }
+
+    @Test func actorIsolatedTransform_runsOnItsActor() async throws {
+        let doubled = Counting(range: 0..<20).map(concurrency: 4) { @MainActor value in
+            MainActor.preconditionIsolated("the transform left its actor")
+            return value * 2
+        }
+        var results: [Int] = []
+        for try await value in doubled { results.append(value) }
+        #expect(results == (0..<20).map { $0 * 2 })
+    }
 }
