@@ -12,11 +12,15 @@ let package = Package(
     products: [
         .library(name: "Corral", targets: ["Corral"]),
         .library(name: "CorralTesting", targets: ["CorralTesting"]),
+        .library(name: "CorralServices", targets: ["CorralServices"]),
         .executable(name: "corral-demo", targets: ["corral-demo"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-collections.git", from: "1.1.0"),
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.5.0"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.6.0"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.0"),
+        .package(url: "https://github.com/apple/swift-metrics.git", from: "2.5.0"),
     ],
     targets: [
         .target(
@@ -27,6 +31,16 @@ let package = Package(
         .target(
             name: "CorralTesting",
             dependencies: ["Corral"],
+            swiftSettings: strictSwift6
+        ),
+        .target(
+            name: "CorralServices",
+            dependencies: [
+                "Corral",
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+            ],
             swiftSettings: strictSwift6
         ),
         .executableTarget(
@@ -40,6 +54,16 @@ let package = Package(
         .testTarget(
             name: "CorralTests",
             dependencies: ["Corral", "CorralTesting"],
+            swiftSettings: strictSwift6
+        ),
+        .testTarget(
+            name: "CorralServicesTests",
+            dependencies: [
+                "CorralServices",
+                "CorralTesting",
+                .product(name: "ServiceLifecycleTestKit", package: "swift-service-lifecycle"),
+                .product(name: "MetricsTestKit", package: "swift-metrics"),
+            ],
             swiftSettings: strictSwift6
         ),
     ]
