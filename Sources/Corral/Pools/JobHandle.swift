@@ -131,22 +131,39 @@ final class PoolJob<Success: Sendable>: PoolJobBase, @unchecked Sendable {
     // `result` is written once — by that worker before it publishes the end under the pool's
     // lock, or under the lock for a job that never ran — and read only after that
     // publication.
+    // `acceptedAt` is written once, at init.
     private let operation: @isolated(any) () async throws -> Success
     private var result: Result<Success, any Error>?
+    /// When the job was submitted, if the pool has an observer.
+    private let acceptedAt: ContinuousClock.Instant?
 
     init(storage: WorkerPoolStorage, operation: @escaping @isolated(any) () async throws -> Success) {
         self.operation = operation
+        self.acceptedAt = storage.observer == nil ? nil : .now
         super.init(storage: storage)
     }
 
     override func run() async -> JobEnd {
+        let startedAt = acceptedAt == nil ? nil : ContinuousClock.now
+        let end: JobEnd
         do {
             result = .success(try await operation())
-            return .completed
+            end = .completed
         } catch {
             result = .failure(error)
-            return error is CancellationError && Task.isCancelled ? .cancelled : .failed
+            end = error is CancellationError && Task.isCancelled ? .cancelled : .failed
         }
+        if let observer = storage.observer, let acceptedAt, let startedAt {
+            let outcome: WorkerPool.JobReport.Outcome = switch end {
+            case .completed: .completed
+            case .cancelled: .cancelled
+            case .failed, .rejected: .failed
+            }
+            observer.jobEnded(WorkerPool.JobReport(
+                outcome: outcome, waited: acceptedAt.duration(to: startedAt), ran: startedAt.duration(to: .now)
+            ))
+        }
+        return end
     }
 
     override func endWithoutRunning(_ error: any Error) {

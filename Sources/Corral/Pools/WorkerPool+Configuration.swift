@@ -75,16 +75,45 @@ extension WorkerPool {
         public var queueCapacity: Int
         /// The pool's name, used in diagnostics (``PoolError``, leak reports).
         public var name: String
+        /// Told about every job that ran, with its times (for latency metrics); `nil` (the
+        /// default) costs nothing, not even a clock reading.
+        public var observer: (any WorkerPoolObserver)?
 
         /// Creates a configuration.
         ///
         /// - Precondition: `queueCapacity >= 0`.
-        public init(workers: Workers, queueCapacity: Int, name: String = "WorkerPool") {
+        public init(
+            workers: Workers,
+            queueCapacity: Int,
+            name: String = "WorkerPool",
+            observer: (any WorkerPoolObserver)? = nil
+        ) {
             precondition(queueCapacity >= 0, "WorkerPool.Configuration: queueCapacity must be 0 or more, got \(queueCapacity)")
             self.workers = workers
             self.queueCapacity = queueCapacity
             self.name = name
+            self.observer = observer
         }
+    }
+
+    /// What a ``WorkerPoolObserver`` is told about a job that ran.
+    public struct JobReport: Sendable {
+        /// How a job that ran ended.
+        public enum Outcome: Hashable, Sendable {
+            /// It returned a value.
+            case completed
+            /// It threw an error other than a cancellation.
+            case failed
+            /// It was cancelled while it ran (through its handle, or by an immediate shutdown).
+            case cancelled
+        }
+
+        /// How the job ended.
+        public var outcome: Outcome
+        /// The time from its acceptance to its start: its wait in the queue.
+        public var waited: Duration
+        /// The time it ran.
+        public var ran: Duration
     }
 
     /// How ``WorkerPool/shutdown(_:)`` ends the pool.

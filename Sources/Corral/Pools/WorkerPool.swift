@@ -193,9 +193,11 @@ public final class WorkerPool: Sendable {
 final class WorkerPoolStorage: Sendable {
     let name: String
     let state: LockedState<WorkerPoolStateMachine>
+    let observer: (any WorkerPoolObserver)?
 
     init(_ configuration: WorkerPool.Configuration) {
         self.name = configuration.name
+        self.observer = configuration.observer
         self.state = LockedState(WorkerPoolStateMachine(
             name: configuration.name,
             workers: configuration.workers,

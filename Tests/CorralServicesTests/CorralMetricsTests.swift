@@ -1,0 +1,122 @@
+import Corral
+import CorralServices
+import MetricsTestKit
+import ServiceLifecycleTestKit
+import Testing
+
+struct Boom: Error {}
+
+@Suite("CorralMetrics")
+struct CorralMetricsTests {
+    @Test func pool_jobsByOutcome_gauges_andLatencies() async throws {
+        let backend = TestMetrics()
+        let metrics = CorralMetrics(factory: backend)
+        let pool = WorkerPool(.init(
+            workers: .fixed(2), queueCapacity: 8, name: "images", observer: metrics.jobObserver(pool: "images")
+        ))
+        metrics.register(pool)
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { try await pool.run() }
+            var handles: [JobHandle<Int>] = []
+            for job in 0..<5 {
+                handles.append(try await pool.submit {
+                    if job == 3 { throw Boom() }
+                    return job
+                })
+            }
+            for handle in handles { _ = try? await handle.value }
+            pool.shutdown()
+            try await group.waitForAll()
+        }
+        metrics.publish()
+        metrics.publish()  // a second sample adds nothing: counters move by the difference
+        #expect(backend.counterTotal(label: "corral_pool_jobs_total", dimensions: [("pool", "images"), ("outcome", "completed")]) == 4)
+        #expect(backend.counterTotal(label: "corral_pool_jobs_total", dimensions: [("pool", "images"), ("outcome", "failed")]) == 1)
+        #expect(backend.counterTotal(label: "corral_pool_jobs_total", dimensions: [("pool", "images"), ("outcome", "rejected")]) == 0)
+        #expect(backend.counterTotal(label: "corral_pool_jobs_submitted_total", dimensions: [("pool", "images")]) == 5)
+        let queueDepth = try backend.expectGauge("corral_pool_queue_depth", [("pool", "images")])
+        #expect(queueDepth.lastValue == 0)
+        let durations = try backend.expectTimer("corral_pool_job_duration_seconds", [("pool", "images")])
+        #expect(durations.values.count == 5, "one latency per job that ran")
+        let waits = try backend.expectTimer("corral_pool_job_wait_seconds", [("pool", "images")])
+        #expect(waits.values.count == 5)
+    }
+
+    @Test func batcher_itemsAndBatches() async throws {
+        let backend = TestMetrics()
+        let metrics = CorralMetrics(factory: backend)
+        let batcher = Batcher<Int, Int, ContinuousClock>(maxSize: 2, maxDelay: .seconds(3600), name: "rows") { $0 }
+        metrics.register(batcher)
+        let tickets = try (0..<5).map { try batcher.enqueue($0) }
+        batcher.shutdown()
+        try await batcher.run()
+        for ticket in tickets { _ = try await ticket.value }
+        metrics.publish()
+        #expect(backend.counterTotal(label: "corral_batcher_items_total", dimensions: [("batcher", "rows"), ("outcome", "handled")]) == 5)
+        #expect(backend.counterTotal(label: "corral_batcher_batches_total", dimensions: [("batcher", "rows"), ("reason", "size")]) == 2)
+        #expect(backend.counterTotal(label: "corral_batcher_batches_total", dimensions: [("batcher", "rows"), ("reason", "shutdown")]) == 1)
+        #expect(try backend.expectGauge("corral_batcher_buffered_items", [("batcher", "rows")]).lastValue == 0)
+    }
+
+    @Test func pipelineStages_elementsByEvent() async throws {
+        let backend = TestMetrics()
+        let metrics = CorralMetrics(factory: backend)
+        let numbers = AsyncStream<Int> { continuation in
+            for value in 0..<20 { continuation.yield(value) }
+            continuation.finish()
+        }
+        let pipeline = numbers
+            .stage("parse", onError: .skip) { value in
+                if value % 5 == 0 { throw Boom() }
+                return value
+            }
+            .stage("double") { $0 * 2 }
+        metrics.register(pipeline: "numbers", stages: { pipeline.pipelineStats })
+        var count = 0
+        for try await _ in pipeline { count += 1 }
+        metrics.publish()
+        #expect(count == 16)
+        let parse = [("pipeline", "numbers"), ("stage", "parse")]
+        #expect(backend.counterTotal(label: "corral_stage_elements_total", dimensions: parse + [("event", "received")]) == 20)
+        #expect(backend.counterTotal(label: "corral_stage_elements_total", dimensions: parse + [("event", "skipped")]) == 4)
+        #expect(backend.counterTotal(label: "corral_stage_elements_total", dimensions: parse + [("event", "emitted")]) == 16)
+        let double = [("pipeline", "numbers"), ("stage", "double")]
+        #expect(backend.counterTotal(label: "corral_stage_elements_total", dimensions: double + [("event", "emitted")]) == 16)
+        #expect(try backend.expectGauge("corral_stage_in_flight", double).lastValue == 0)
+    }
+
+    @Test func semaphoreAndChannel_gauges() async throws {
+        let backend = TestMetrics()
+        let metrics = CorralMetrics(factory: backend)
+        let quota = AsyncSemaphore(permits: 10)
+        let jobs = BoundedChannel<Int>(capacity: 4)
+        metrics.register(quota, name: "quota")
+        metrics.register(jobs, name: "jobs")
+        try await quota.acquire(3)
+        try await jobs.send(1)
+        try await jobs.send(2)
+        metrics.publish()
+        #expect(try backend.expectGauge("corral_semaphore_available_permits", [("semaphore", "quota")]).lastValue == 7)
+        #expect(try backend.expectGauge("corral_semaphore_waiters", [("semaphore", "quota")]).lastValue == 0)
+        #expect(try backend.expectGauge("corral_channel_buffered", [("channel", "jobs")]).lastValue == 2)
+        quota.release(3)
+    }
+
+    @Test func run_publishesUntilGracefulShutdown_andOnceMoreAtTheEnd() async throws {
+        let backend = TestMetrics()
+        let metrics = CorralMetrics(interval: .seconds(3600), factory: backend)
+        let quota = AsyncSemaphore(permits: 4)
+        metrics.register(quota, name: "quota")
+        try await testGracefulShutdown { trigger in
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                group.addTask { try await metrics.run() }
+                await waitUntil("the first sample") { (try? backend.expectGauge("corral_semaphore_available_permits", [("semaphore", "quota")])) != nil }
+                try await quota.acquire(1)
+                trigger.triggerGracefulShutdown()
+                try await group.waitForAll()   // returns without waiting for the hour
+            }
+        }
+        #expect(try backend.expectGauge("corral_semaphore_available_permits", [("semaphore", "quota")]).lastValue == 3)
+        quota.release(1)
+    }
+}
