@@ -54,6 +54,20 @@ public final class WorkerPool: Sendable {
     public init(_ configuration: Configuration) {
         self.configuration = configuration
         self.storage = WorkerPoolStorage(configuration)
+        DiagnosticsRegistry.shared.add(self, kind: "WorkerPool", name: configuration.name) { pool in
+            let stats = pool.stats
+            let finished = stats.completed + stats.failed + stats.cancelled + stats.rejected
+            return StructureSample(
+                tasks: stats.workers, waiting: stats.queued + stats.busy, held: stats.queued,
+                progress: finished, stallToken: finished,
+                details: [
+                    "workers": stats.workers, "busy": stats.busy, "idle": stats.idle, "queued": stats.queued,
+                    "submitted": stats.submitted, "completed": stats.completed, "failed": stats.failed,
+                    "cancelled": stats.cancelled, "rejected": stats.rejected, "refused": stats.refused,
+                    "peakQueued": stats.peakQueued, "peakBusy": stats.peakBusy,
+                ]
+            )
+        }
     }
 
     /// The pool's name.

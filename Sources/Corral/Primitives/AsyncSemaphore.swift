@@ -231,4 +231,11 @@ public final class AsyncSemaphore: Sendable {
         guard fastPermits.load(ordering: .relaxed) < 0 else { return 0 }
         return withState { $0.waiters.count }
     }
+
+    /// Identifies the waiter at the head of the line (for stall detection: the same value
+    /// twice means the head was not served in between); nil when nobody waits.
+    var headWaiterToken: UInt64? {
+        guard fastPermits.load(ordering: .relaxed) < 0 else { return nil }
+        return withState { $0.waiters.first?.id.generation }
+    }
 }

@@ -201,6 +201,12 @@ public final class BoundedChannel<Element: Sendable>: Sendable {
     public var waitingReceivers: Int {
         state.withLock { $0.receivers.count }
     }
+
+    /// Identifies the sender at the head of the line of senders waiting for room (for stall
+    /// detection); nil when no sender waits.
+    var headSenderToken: UInt64? {
+        state.withLock { $0.senders.first?.id.generation }
+    }
 }
 
 extension BoundedChannel.TryReceiveResult: Sendable {}

@@ -95,6 +95,19 @@ public final class Batcher<Item: Sendable, Output: Sendable, C: Clock>: Sendable
         self.state = LockedState(BatcherState(
             maxSize: maxSize, maxDelay: maxDelay, maxConcurrentBatches: maxConcurrentBatches, clock: clock
         ))
+        DiagnosticsRegistry.shared.add(self, kind: "Batcher", name: name) { batcher in
+            let stats = batcher.stats
+            let finished = stats.handled + stats.failed + stats.withdrawn
+            return StructureSample(
+                tasks: stats.inFlightBatches, waiting: stats.unfinished, held: stats.buffered,
+                progress: finished, stallToken: finished,
+                details: [
+                    "submitted": stats.submitted, "handled": stats.handled, "failed": stats.failed,
+                    "withdrawn": stats.withdrawn, "buffered": stats.buffered, "batches": stats.batches,
+                    "inFlightBatches": stats.inFlightBatches,
+                ]
+            )
+        }
     }
 
     /// Submits an item and waits for its own result.

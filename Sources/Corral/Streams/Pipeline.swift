@@ -115,9 +115,14 @@ where Base.Element: Sendable {
 
     /// The counters of every stage of the pipeline, from the first to this one.
     public var pipelineStats: [StageStats] {
-        var stats = (base as? any PipelineStatsReporting)?.pipelineStats ?? []
-        stats.append(self.stats)
-        return stats
+        pipelineCounters.map(\.snapshot)
+    }
+
+    /// The counters of every stage of the pipeline, from the first to this one.
+    var pipelineCounters: [StageCounters] {
+        var counters = (base as? any PipelineStatsReporting)?.pipelineCounters ?? []
+        counters.append(self.counters)
+        return counters
     }
 
     /// The most recent errors this stage's policy handled by leaving an element out (the
@@ -163,7 +168,7 @@ where Base.Element: Sendable {
 
 /// A pipeline stage that can list its pipeline's statistics.
 protocol PipelineStatsReporting {
-    var pipelineStats: [StageStats] { get }
+    var pipelineCounters: [StageCounters] { get }
 }
 
 extension PipelineStage: PipelineStatsReporting {}

@@ -1,0 +1,107 @@
+@testable import Corral
+import CorralTesting
+import Foundation
+import Testing
+
+/// The registry is process-wide and tests run in parallel: each test looks only at the
+/// structures it named.
+@Suite("CorralDiagnostics")
+struct CorralDiagnosticsTests {
+    private func structures(named name: String) -> [StructureSnapshot] {
+        CorralDiagnostics.snapshot().structures.filter { $0.name == name || $0.name.hasPrefix(name + "/") }
+    }
+
+    @Test func poolsAreTrackedFromCreation_untilDeallocated() async throws {
+        var pool: WorkerPool? = WorkerPool(.init(workers: .fixed(3), queueCapacity: 8, name: "diag-pool"))
+        let found = try #require(structures(named: "diag-pool").first)
+        #expect(found.kind == "WorkerPool")
+        #expect(found.details["queued"] == 0)
+        #expect(found.stalledFor == nil)
+        _ = pool
+        pool = nil
+        #expect(structures(named: "diag-pool").isEmpty, "the registry kept a deallocated pool")
+    }
+
+    @Test func semaphoreWhoseHeadIsNotServed_isStalled_untilItIs() async throws {
+        let semaphore = AsyncSemaphore(permits: 1)
+        CorralDiagnostics.track(semaphore, name: "diag-semaphore")
+        try await semaphore.acquire()
+        let waiter = Task { try await semaphore.acquire() }
+        await waitUntil("the waiter parked") { semaphore.waiters == 1 }
+
+        let first = try #require(structures(named: "diag-semaphore").first)
+        #expect(first.waiting == 1)
+        let second = try #require(structures(named: "diag-semaphore").first)
+        #expect(second.stalledFor != nil, "the head was not served between two snapshots")
+
+        semaphore.release()
+        try await waiter.value
+        let after = try #require(structures(named: "diag-semaphore").first)
+        #expect(after.waiting == 0 && after.stalledFor == nil)
+        semaphore.release()
+    }
+
+    @Test func channelWithABlockedSender_isStalled() async throws {
+        let channel = BoundedChannel<Int>(capacity: 1)
+        CorralDiagnostics.track(channel, name: "diag-channel")
+        try await channel.send(1)
+        let sender = Task { try await channel.send(2) }
+        await waitUntil("the sender parked") { channel.waitingSenders == 1 }
+        _ = structures(named: "diag-channel")
+        let stalled = try #require(structures(named: "diag-channel").first)
+        #expect(stalled.stalledFor != nil)
+        #expect(stalled.held == 1 && stalled.details["waitingSenders"] == 1)
+        _ = try await channel.receive()
+        try await sender.value
+        #expect(try #require(structures(named: "diag-channel").first).stalledFor == nil)
+    }
+
+    @Test func pipelineStages_areListed() async throws {
+        let pipeline = Counting(range: 0..<10)
+            .stage("parse") { $0 }
+            .stage("double") { $0 * 2 }
+        CorralDiagnostics.track(pipeline: "diag-pipeline", pipeline)
+        for try await _ in pipeline {}
+        let stages = structures(named: "diag-pipeline")
+        #expect(stages.map(\.name) == ["diag-pipeline/double", "diag-pipeline/parse"])
+        #expect(stages.allSatisfy { $0.kind == "PipelineStage" && $0.progress == 10 && $0.waiting == 0 })
+    }
+
+    @Test func snapshot_rendersATable_andRoundTripsThroughJSON() async throws {
+        let batcher = Batcher<Int, Int, ContinuousClock>(maxSize: 4, maxDelay: .seconds(1), name: "diag-batcher") { $0 }
+        _ = try batcher.enqueue(1)
+        let snapshot = DiagnosticsSnapshot(structures: structures(named: "diag-batcher"))
+        #expect(snapshot.structures.count == 1)
+        let lines = snapshot.table.split(separator: "\n")
+        #expect(lines.count == 2)
+        #expect(lines[0].hasPrefix("kind"))
+        #expect(lines[1].contains("Batcher") && lines[1].contains("diag-batcher"))
+        let decoded = try JSONDecoder().decode(DiagnosticsSnapshot.self, from: JSONEncoder().encode(snapshot))
+        #expect(decoded == snapshot)
+        batcher.shutdown()
+        try await batcher.run()
+    }
+
+    @Test func detectStalls_reportsAStallOnce() async throws {
+        let semaphore = AsyncSemaphore(permits: 1)
+        CorralDiagnostics.track(semaphore, name: "diag-stall")
+        try await semaphore.acquire()
+        let waiter = Task { try await semaphore.acquire() }
+        await waitUntil("the waiter parked") { semaphore.waiters == 1 }
+        let reports = Log<String>()
+        let detector = Task {
+            await CorralDiagnostics.detectStalls(threshold: .zero, every: .milliseconds(1)) { structure in
+                if structure.name == "diag-stall" { reports.append(structure.name) }
+            }
+        }
+        await waitUntil("the stall was reported") { reports.count >= 1 }
+        // Several more rounds: still one report for the same stall.
+        for _ in 0..<20 { try await Task.sleep(for: .milliseconds(1)) }
+        #expect(reports.count == 1)
+        detector.cancel()
+        await detector.value
+        semaphore.release()
+        try await waiter.value
+        semaphore.release()
+    }
+}
