@@ -6,6 +6,8 @@ import PackageDescription
 //
 //   swift run -c release corral-workloads all          # WORKLOADS.md lines, vs ../shared/bench/go-reference
 //   swift package --disable-sandbox benchmark         # package-benchmark suites (wall clock, mallocs)
+//   python3 perf-report.py                            # Go vs Corral vs Swift baselines, alternating runs ->
+//                                                     # Results/report.md (table) and Results/ratios.svg
 let package = Package(
     name: "CorralBenchmarks",
     platforms: [.macOS(.v15)],

@@ -9,7 +9,7 @@ import Darwin
 // Prints one WORKLOADS.md line per implementation of each selected workload. Exits 1 when
 // a check fails, 2 on bad arguments or an unknown workload.
 
-let allWorkloads = primitiveWorkloads + groupWorkloads + poolWorkloads + streamWorkloads + batchWorkloads
+let allWorkloads = primitiveWorkloads + groupWorkloads + poolWorkloads + streamWorkloads + batchWorkloads + taskWorkloads
 
 func usage() -> Never {
     var names: [String] = []
