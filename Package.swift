@@ -47,7 +47,10 @@ let package = Package(
             name: "corral-demo",
             dependencies: [
                 "Corral",
+                "CorralServices",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strictSwift6
         ),

@@ -139,6 +139,10 @@ public struct CorralService<Structure: DrainableStructure>: Service, CustomStrin
         switch result {
         case .success:
             logger.info("stopped", metadata: metadata)
+        case .failure(let error) where error is CancellationError && Task.isCancelled:
+            // The service's task was cancelled (the group's own escalation): expected, not a
+            // failure of the structure.
+            logger.warning("stopped: cancelled", metadata: metadata)
         case .failure(let error):
             metadata["corral.error"] = "\(error)"
             logger.error("stopped with an error", metadata: metadata)

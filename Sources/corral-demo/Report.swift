@@ -76,6 +76,11 @@ extension Duration {
         Double(components.seconds) + Double(components.attoseconds) / 1e18
     }
 
+    /// The duration in whole microseconds (rounded down).
+    var inMicroseconds: Int {
+        Int(components.seconds) * 1_000_000 + Int(components.attoseconds / 1_000_000_000_000)
+    }
+
     /// The duration in milliseconds, with one decimal: `"12.5 ms"`.
     var inMilliseconds: String {
         fixed(inSeconds * 1_000, digits: 1) + " ms"
@@ -118,12 +123,28 @@ func table(_ rows: [[String]], leftAligned: Set<Int> = [0], indent: String = "  
 }
 
 /// Prints a progress line: on a terminal it replaces the previous one (end it with `print()`),
-/// otherwise it is printed as a line of its own.
+/// cut to the terminal's width so that it stays on one line; otherwise it is printed as a line
+/// of its own.
 func printStatus(_ line: String) {
     if isatty(STDOUT_FILENO) != 0 {
+        var line = line
+        if let width = terminalWidth(), line.count >= width {
+            line = String(line.prefix(width - 2)) + "…"
+        }
         print("\r\u{1B}[2K" + line, terminator: "")
         fflush(nil)  // every output stream: stdout is a C global that Swift 6 cannot touch safely
     } else {
         print(line)
     }
+}
+
+/// The width of the terminal on standard output, in columns; nil if unknown.
+func terminalWidth() -> Int? {
+    #if os(Linux)
+    var size = winsize()
+    guard ioctl(STDOUT_FILENO, UInt(TIOCGWINSZ), &size) == 0, size.ws_col > 1 else { return nil }
+    return Int(size.ws_col)
+    #else
+    return nil
+    #endif
 }

@@ -124,7 +124,7 @@ struct CorralServiceTests {
         await waitUntil("started") { records.first("started") != nil }
         service.cancel()
         await #expect(throws: CancellationError.self) { try await service.value }
-        #expect(try #require(records.first("stopped with an error")).level == .error)
+        #expect(try #require(records.first("stopped: cancelled")).level == .warning)
     }
 
     @Test func batcherService_flushesWhatIsBuffered() async throws {
