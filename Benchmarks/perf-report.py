@@ -565,7 +565,7 @@ def main() -> int:
                         help=f"the folder with WORKLOADS.md and go-reference/ (default {DEFAULT_SHARED})")
     parser.add_argument("--quiet-wait", metavar="SECONDS", type=float, default=120,
                         help="before each run, wait up to this long while other processes keep more "
-                             f"than {BUSY_THRESHOLD:.0%} of the CPUs busy (default 120; 0: don't check)")
+                             f"than {BUSY_THRESHOLD * 100:.0f}%% of the CPUs busy (default 120; 0: don't check)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds one process may run (default 900)")
     args = parser.parse_args()
     if args.rounds < 1:
