@@ -38,10 +38,13 @@ public final class CorralMetrics: Service, Sendable {
     /// How often ``run()`` publishes.
     public let interval: Duration
     private let factory: any MetricsFactory
-    private let state = Mutex(State())
+    /// The registered structures' samplers. Registering never waits for a publication.
+    private let sources = Mutex<[@Sendable () -> [Sample]]>([])
+    /// Held for a whole publication (which calls the metrics backend), so that two never
+    /// interleave their increments.
+    private let publication = Mutex(Publication())
 
-    private struct State: ~Copyable {
-        var sources: [@Sendable () -> [Sample]] = []
+    private struct Publication: ~Copyable {
         /// The last cumulative value published per counter.
         var published: [Key: Double] = [:]
         var counters: [Key: Counter] = [:]
@@ -168,16 +171,16 @@ public final class CorralMetrics: Service, Sendable {
     }
 
     private func add(_ source: @escaping @Sendable () -> [Sample]) {
-        state.withLock { $0.sources.append(source) }
+        sources.withLock { $0.append(source) }
     }
 
     // MARK: Publishing
 
     /// Samples every registered structure now and publishes the result.
     public func publish() {
-        let sources = state.withLock { $0.sources }
-        let samples = sources.flatMap { $0() }  // outside the lock: each reads its own
-        state.withLock { state in
+        let samplers = sources.withLock { $0 }
+        let samples = samplers.flatMap { $0() }  // each structure takes its own lock
+        publication.withLock { state in
             for sample in samples {
                 let key = Key(sample.label, sample.dimensions)
                 switch sample.kind {
