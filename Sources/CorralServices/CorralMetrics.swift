@@ -1,7 +1,6 @@
 import Corral
 import CoreMetrics
 import ServiceLifecycle
-import Synchronization
 
 /// Publishes the live statistics of Corral structures through swift-metrics, with names and
 /// labels that follow Prometheus conventions — a `Service` that samples every `interval`.
@@ -17,7 +16,9 @@ import Synchronization
 ///
 /// The counters are cumulative in Corral and published as increments of the difference since
 /// the last sample, so any backend (Prometheus, StatsD, OpenTelemetry) sees monotonic
-/// counters. Gauges are published as their current value.
+/// counters. Gauges are published as their current value. Structures that share a name
+/// share their metrics: counters add up, gauges are summed. Registered structures are held
+/// weakly: one that is deallocated stops being published.
 ///
 /// | Metric | Type | Labels |
 /// |---|---|---|
@@ -38,15 +39,23 @@ public final class CorralMetrics: Service, Sendable {
     /// How often ``run()`` publishes.
     public let interval: Duration
     private let factory: any MetricsFactory
-    /// The registered structures' samplers. Registering never waits for a publication.
-    private let sources = Mutex<[@Sendable () -> [Sample]]>([])
+    /// The registered structures' samplers, by registration id; a sampler returns nil once its
+    /// structure is gone (structures are held weakly). Registering never waits for a
+    /// publication.
+    private let sources = LockedState<(nextID: Int, samplers: [(id: Int, sample: @Sendable () -> [Sample]?)])>((0, []))
     /// Held for a whole publication (which calls the metrics backend), so that two never
     /// interleave their increments.
-    private let publication = Mutex(Publication())
+    private let publication = LockedState(Publication())
 
-    private struct Publication: ~Copyable {
-        /// The last cumulative value published per counter.
-        var published: [Key: Double] = [:]
+    private struct SourceKey: Hashable {
+        var source: Int
+        var key: Key
+    }
+
+    private struct Publication {
+        /// The last cumulative value published per structure and counter: structures that
+        /// share a name add up in the counter they share.
+        var published: [SourceKey: Double] = [:]
         var counters: [Key: Counter] = [:]
         var floatingCounters: [Key: FloatingPointCounter] = [:]
         var gauges: [Key: Gauge] = [:]
@@ -88,7 +97,8 @@ public final class CorralMetrics: Service, Sendable {
     /// Publishes a worker pool's jobs by outcome, queue depth and workers.
     public func register(_ pool: WorkerPool) {
         let labels = [("pool", pool.name)]
-        add {
+        add { [weak pool] in
+            guard let pool else { return nil }
             let stats = pool.stats
             var samples: [Sample] = [
                 .init(kind: .counter, label: "corral_pool_jobs_submitted_total", dimensions: labels, value: Double(stats.submitted)),
@@ -109,7 +119,8 @@ public final class CorralMetrics: Service, Sendable {
     /// Publishes a batcher's items by outcome, batches by what sent them, and what it holds.
     public func register<Item, Output, C>(_ batcher: Batcher<Item, Output, C>) {
         let labels = [("batcher", batcher.name)]
-        add {
+        add { [weak batcher] in
+            guard let batcher else { return nil }
             let stats = batcher.stats
             var samples: [Sample] = [
                 .init(kind: .gauge, label: "corral_batcher_buffered_items", dimensions: labels, value: Double(stats.buffered)),
@@ -129,7 +140,8 @@ public final class CorralMetrics: Service, Sendable {
     ///
     /// - Parameters:
     ///   - pipeline: The pipeline's name (the `pipeline` label).
-    ///   - stages: Reads the stages' statistics, e.g. `{ lastStage.pipelineStats }`.
+    ///   - stages: Reads the stages' statistics, e.g. `{ lastStage.pipelineStats }`. It is
+    ///     kept (with what it captures) as long as this publisher.
     public func register(pipeline: String, stages: @escaping @Sendable () -> [StageStats]) {
         add {
             stages().flatMap { stage -> [Sample] in
@@ -150,8 +162,9 @@ public final class CorralMetrics: Service, Sendable {
     /// Publishes a semaphore's waiters and available permits.
     public func register(_ semaphore: AsyncSemaphore, name: String) {
         let labels = [("semaphore", name)]
-        add {
-            [
+        add { [weak semaphore] in
+            guard let semaphore else { return nil }
+            return [
                 .init(kind: .gauge, label: "corral_semaphore_waiters", dimensions: labels, value: Double(semaphore.waiters)),
                 .init(kind: .gauge, label: "corral_semaphore_available_permits", dimensions: labels, value: Double(semaphore.availablePermits)),
             ]
@@ -161,8 +174,9 @@ public final class CorralMetrics: Service, Sendable {
     /// Publishes a channel's buffered elements and waiting senders and receivers.
     public func register<Element>(_ channel: BoundedChannel<Element>, name: String) {
         let labels = [("channel", name)]
-        add {
-            [
+        add { [weak channel] in
+            guard let channel else { return nil }
+            return [
                 .init(kind: .gauge, label: "corral_channel_buffered", dimensions: labels, value: Double(channel.count)),
                 .init(kind: .gauge, label: "corral_channel_waiting_senders", dimensions: labels, value: Double(channel.waitingSenders)),
                 .init(kind: .gauge, label: "corral_channel_waiting_receivers", dimensions: labels, value: Double(channel.waitingReceivers)),
@@ -170,43 +184,75 @@ public final class CorralMetrics: Service, Sendable {
         }
     }
 
-    private func add(_ source: @escaping @Sendable () -> [Sample]) {
-        sources.withLock { $0.append(source) }
+    private func add(_ sample: @escaping @Sendable () -> [Sample]?) {
+        sources.withLock { sources in
+            sources.nextID += 1
+            sources.samplers.append((sources.nextID, sample))
+        }
     }
 
     // MARK: Publishing
 
     /// Samples every registered structure now and publishes the result.
     public func publish() {
-        let samplers = sources.withLock { $0 }
-        let samples = samplers.flatMap { $0() }  // each structure takes its own lock
+        let samplers = sources.withLock { $0.samplers }
+        var samples: [(source: Int, sample: Sample)] = []
+        var gone: Set<Int> = []
+        for sampler in samplers {  // each structure takes its own lock
+            guard let taken = sampler.sample() else {
+                gone.insert(sampler.id)
+                continue
+            }
+            samples += taken.map { (sampler.id, $0) }
+        }
+        if !gone.isEmpty {
+            sources.withLock { $0.samplers.removeAll { gone.contains($0.id) } }
+        }
         publication.withLock { state in
-            for sample in samples {
+            // Structures that share a name share a metric: add their gauges up, and their
+            // counters' increments.
+            var gauges: [Key: (dimensions: [(String, String)], label: String, value: Double)] = [:]
+            var increments: [Key: (sample: Sample, delta: Double)] = [:]
+            for (source, sample) in samples {
                 let key = Key(sample.label, sample.dimensions)
                 switch sample.kind {
                 case .gauge:
-                    let gauge = state.gauges[key] ?? Gauge(label: sample.label, dimensions: sample.dimensions, factory: factory)
-                    state.gauges[key] = gauge
-                    gauge.record(sample.value)
-                case .counter:
+                    gauges[key, default: (sample.dimensions, sample.label, 0)].value += sample.value
+                case .counter, .floatingCounter:
+                    let sourceKey = SourceKey(source: source, key: key)
+                    let delta = sample.value - (state.published[sourceKey] ?? 0)
+                    state.published[sourceKey] = Swift.max(sample.value, state.published[sourceKey] ?? 0)
+                    increments[key, default: (sample, 0)].delta += Swift.max(0, delta)
+                }
+            }
+            for (key, gauge) in gauges {
+                let metric = state.gauges[key] ?? Gauge(label: gauge.label, dimensions: gauge.dimensions, factory: factory)
+                state.gauges[key] = metric
+                metric.record(gauge.value)
+            }
+            for (key, increment) in increments where increment.delta > 0 {
+                let sample = increment.sample
+                if sample.kind == .counter {
                     let counter = state.counters[key] ?? Counter(label: sample.label, dimensions: sample.dimensions, factory: factory)
                     state.counters[key] = counter
-                    let delta = sample.value - (state.published[key] ?? 0)
-                    if delta > 0 { counter.increment(by: Int64(delta)) }
-                    state.published[key] = Swift.max(sample.value, state.published[key] ?? 0)
-                case .floatingCounter:
+                    counter.increment(by: Int64(increment.delta))
+                } else {
                     let counter = state.floatingCounters[key] ?? FloatingPointCounter(label: sample.label, dimensions: sample.dimensions, factory: factory)
                     state.floatingCounters[key] = counter
-                    let delta = sample.value - (state.published[key] ?? 0)
-                    if delta > 0 { counter.increment(by: delta) }
-                    state.published[key] = Swift.max(sample.value, state.published[key] ?? 0)
+                    counter.increment(by: increment.delta)
                 }
+            }
+            for sourceKey in state.published.keys where gone.contains(sourceKey.source) {
+                state.published[sourceKey] = nil
             }
         }
     }
 
-    /// Publishes every `interval` until graceful shutdown or cancellation, then once more, so
-    /// that the final counts (after the structures drained) are published.
+    /// Publishes every `interval` until graceful shutdown or cancellation, then once more.
+    ///
+    /// List it *first* in a `ServiceGroup`: the group shuts its services down in reverse
+    /// order, so its last publication then comes after the other services have drained, and
+    /// carries their final counts.
     public func run() async throws {
         while true {
             publish()

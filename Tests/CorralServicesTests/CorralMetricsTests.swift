@@ -58,6 +58,26 @@ struct CorralMetricsTests {
         #expect(try backend.expectGauge("corral_batcher_buffered_items", [("batcher", "rows")]).lastValue == 0)
     }
 
+    @Test func structuresSharingAName_addUp_andAreHeldWeakly() async throws {
+        let backend = TestMetrics()
+        let metrics = CorralMetrics(factory: backend)
+        var first: Batcher<Int, Int, ContinuousClock>? = Batcher(maxSize: 10, maxDelay: .seconds(3600), name: "rows") { $0 }
+        let second = Batcher<Int, Int, ContinuousClock>(maxSize: 10, maxDelay: .seconds(3600), name: "rows") { $0 }
+        metrics.register(first!)
+        metrics.register(second)
+        for (batcher, count) in [(first!, 3), (second, 5)] {
+            let tickets = try (0..<count).map { try batcher.enqueue($0) }
+            batcher.shutdown()
+            try await batcher.run()
+            for ticket in tickets { _ = try await ticket.value }
+        }
+        metrics.publish()
+        #expect(backend.counterTotal(label: "corral_batcher_items_total", dimensions: [("batcher", "rows"), ("outcome", "handled")]) == 8)
+        first = nil  // no longer published, and its count stays in the total
+        metrics.publish()
+        #expect(backend.counterTotal(label: "corral_batcher_items_total", dimensions: [("batcher", "rows"), ("outcome", "handled")]) == 8)
+    }
+
     @Test func pipelineStages_elementsByEvent() async throws {
         let backend = TestMetrics()
         let metrics = CorralMetrics(factory: backend)

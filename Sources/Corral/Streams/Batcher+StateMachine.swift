@@ -5,9 +5,10 @@ import DequeModule
 /// which starts handler calls, and the timer, which seals a batch `maxDelay` after its first
 /// item).
 ///
-/// A batch is *open* while it takes items, *sealed* once it is full, due or flushed by
-/// shutdown (its items can no longer be withdrawn), and *dispatched* when a handler call
-/// starts for it. Its callers wait on its `BatchOutcome`, which has its own lock.
+/// A batch is *open* while it takes items (and its items can be withdrawn); *due* once
+/// `maxDelay` has passed since its first item (still open, so that items arriving while every
+/// handler slot is busy join it); *sealed* once it is full, due with a handler slot free, or
+/// flushed by shutdown; and *dispatched* when a handler call starts for it. Its callers wait on its `BatchOutcome`, which has its own lock.
 ///
 /// Invariants: at most one open batch, holding `1...maxSize` live items (an open batch
 /// whose last item is withdrawn is discarded); `running <= maxConcurrentBatches`; the
@@ -25,10 +26,11 @@ import DequeModule
 /// | `withdraw(batch, slot)`| the batch is still open                 | mark the slot withdrawn; discard the batch if no item is left |
 /// |                        | sealed                                  | nothing: the item is handled, its result discarded |
 /// | `timerNext`            | finished                                | `.exit` |
-/// |                        | a batch is open                         | `.sleep(until: its deadline, generation)` |
+/// |                        | a batch is open and not yet due         | `.sleep(until: its deadline, generation)` |
 /// |                        | otherwise                               | park |
-/// | `timerFired(g)`        | the open batch has generation `g`       | seal it (by delay); wake the supervisor |
-/// | `supervisorNext`       | a sealed batch and a free handler slot  | `.dispatch(batch)`, `running += 1` |
+/// | `timerFired(g)`        | the open batch has generation `g`       | mark it *due*; wake the supervisor (a due batch goes on taking items until a handler slot is free) |
+/// | `supervisorNext`       | a free handler slot, nothing sealed, the open batch due | seal it (by delay), then as below |
+/// |                        | a sealed batch and a free handler slot  | `.dispatch(batch)`, `running += 1` |
 /// |                        | shut down, nothing open, sealed or running | `.finished`: stop the timer |
 /// |                        | otherwise                               | park |
 /// | `batchFinished`        | —                                       | `running -= 1`; wake the supervisor |
@@ -52,6 +54,10 @@ struct BatcherState<Item: Sendable, Output: Sendable, C: Clock> {
         var deadline: C.Instant?
         @usableFromInline
         var generation = 0
+        /// Its delay has passed, but no handler slot was free: it goes on taking items until
+        /// it is full or a slot frees, whichever comes first.
+        @usableFromInline
+        var isDue = false
 
         @inlinable
         init() {}
@@ -234,7 +240,7 @@ struct BatcherState<Item: Sendable, Output: Sendable, C: Clock> {
     @usableFromInline
     mutating func timerNext(_ continuation: UnsafeContinuation<TimerAction, Never>) -> (UnsafeContinuation<TimerAction, Never>, TimerAction)? {
         if isFinished || isShutDown { return (continuation, .exit) }
-        if open.isOpen, let deadline = open.deadline {
+        if open.isOpen, !open.isDue, let deadline = open.deadline {
             return (continuation, .sleep(until: deadline, generation: open.generation))
         }
         timer = continuation
@@ -245,7 +251,7 @@ struct BatcherState<Item: Sendable, Output: Sendable, C: Clock> {
     mutating func timerFired(generation: Int) -> Wake {
         var wake = Wake()
         if open.isOpen && open.generation == generation {
-            seal(.delay)
+            open.isDue = true  // sealed by the supervisor as soon as a handler slot is free
             wake.supervisor = supervisorWake()
         }
         return wake
@@ -269,6 +275,9 @@ struct BatcherState<Item: Sendable, Output: Sendable, C: Clock> {
 
     @usableFromInline
     mutating func nextSupervisorAction() -> SupervisorAction? {
+        if running < maxConcurrentBatches && sealed.isEmpty && open.isDue {
+            seal(.delay)
+        }
         if running < maxConcurrentBatches, let batch = sealed.popFirst() {
             running += 1
             stats.batches += 1
@@ -355,10 +364,16 @@ final class BatchOutcome<Output: Sendable>: Sendable {
         init() {}
 
         @inlinable
-        func value(at slot: Int) -> Result<Output, any Error> {
+        /// The result for `slot`; nil for a withdrawn slot (its caller was cancelled: the
+        /// withdrawal and the waiter's removal are two steps, and the batch may complete
+        /// between them).
+        func value(at slot: Int) -> Result<Output, any Error>? {
             switch result! {
-            case .success(let outputs): .success(outputs[slotToOutput?[slot] ?? slot])
-            case .failure(let error): .failure(error)
+            case .success(let outputs):
+                let index = slotToOutput?[slot] ?? slot
+                return index < 0 ? nil : .success(outputs[index])
+            case .failure(let error):
+                return .failure(error)
             }
         }
     }
@@ -378,11 +393,14 @@ final class BatchOutcome<Output: Sendable>: Sendable {
             defer { state.nextWaiterID += 1 }
             return state.nextWaiterID
         }
-        guard let id else { return try state.withLock { $0.value(at: slot) }.get() }
+        guard let id else {
+            guard let result = state.withLock({ $0.value(at: slot) }) else { throw DeadlineContext.cancellationError() }
+            return try result.get()
+        }
         let result = await withTaskCancellationHandler {
             await withUnsafeContinuation { (continuation: UnsafeContinuation<Result<Output, any Error>?, Never>) in
                 let now: Result<Output, any Error>?? = state.withLock { state in
-                    if state.result != nil { return .some(state.value(at: slot)) }
+                    if state.result != nil { return .some(state.value(at: slot)) }  // nil: withdrawn
                     // Checked under the lock: a cancellation after this finds the waiter.
                     if Task.isCancelled { return .some(nil) }
                     state.waiters.append((id, slot, continuation))
@@ -410,6 +428,6 @@ final class BatchOutcome<Output: Sendable>: Sendable {
             defer { state.waiters.removeAll() }
             return state.waiters.map { ($0.continuation, state.value(at: $0.slot)) }
         }
-        for (continuation, value) in resumptions { continuation.resume(returning: .some(value)) }
+        for (continuation, value) in resumptions { continuation.resume(returning: value) }
     }
 }

@@ -38,8 +38,12 @@
 ///
 /// ## Accounting
 /// Every accepted item ends in exactly one of: handled (its caller got its output), failed
-/// (its caller got the batch's error) or withdrawn (its caller was cancelled before the batch
-/// was sent). Once ``run()`` has returned, `stats.submitted == handled + failed + withdrawn`.
+/// (its caller got the batch's error) or withdrawn (its caller was cancelled while its batch
+/// was still open). Once ``run()`` has returned, `stats.submitted == handled + failed + withdrawn`.
+///
+/// A batch is *open* until it is full, or until its delay has passed and a handler slot is
+/// free (a batch that is due while every slot is busy goes on taking items), or until
+/// shutdown.
 ///
 /// ## Backpressure
 /// Each caller waits for its own result, so the items held are bounded by the number of
@@ -116,8 +120,8 @@ public final class Batcher<Item: Sendable, Output: Sendable, C: Clock>: Sendable
     /// - Throws: The handler's error if this item's batch failed; ``BatcherError`` when the
     ///   batcher is shut down (code `.shutdown`: the item was not accepted) or the handler
     ///   returned the wrong number of outputs (`.outputCountMismatch`); `CancellationError`
-    ///   (or ``TimeoutError``) when the calling task is cancelled — if the item's batch has not
-    ///   been sent yet, the item is withdrawn from it, otherwise it is handled and its result
+    ///   (or ``TimeoutError``) when the calling task is cancelled — if the item's batch is still
+    ///   open, the item is withdrawn from it, otherwise it is handled and its result
     ///   discarded.
     @inlinable
     public func submit(_ item: Item) async throws -> Output {
@@ -298,7 +302,7 @@ public struct BatcherStats: Hashable, Sendable, CustomStringConvertible {
     public var handled = 0
     /// Items whose batch failed (the handler threw or returned the wrong number of outputs).
     public var failed = 0
-    /// Items withdrawn by their caller's cancellation before their batch was sent.
+    /// Items withdrawn by their caller's cancellation while their batch was still open.
     public var withdrawn = 0
     /// Items accepted and not yet sent to the handler.
     public var buffered = 0

@@ -16,7 +16,8 @@ extension AsyncSequence where Self: Sendable, Element: Sendable {
     /// On the first `next()` of any consumer, one task starts pulling the source into a buffer
     /// of `buffer` elements; the consumers take from that buffer. A consumer that stops asking
     /// holds nothing back: the others go on taking elements (the source is pulled only as
-    /// fast as the consumers together take, and never more than `buffer` ahead). The task is
+    /// fast as the consumers together take, and never more than `buffer` elements ahead, plus
+    /// the one the feeder holds while it waits for room). The task is
     /// tracked (CorralTesting's `expectNoLeakedTasks` sees it).
     ///
     /// ## Ending, errors and cancellation
@@ -143,15 +144,17 @@ final class FanOutStorage<Base: AsyncSequence & Sendable>: Sendable where Base.E
         tasks.start { [base, channel, tasks] in
             do {
                 for try await element in base {
-                    try await channel.send(element)
+                    do {
+                        try await channel.send(element)
+                    } catch {
+                        return  // closed or cancelled: every consumer is gone
+                    }
                 }
                 channel.close()
-            } catch is ChannelError<Element> {
-                return  // every consumer is gone
             } catch {
                 if error is CancellationError && Task.isCancelled { return }  // every consumer is gone
-                // Record the error before closing: a consumer that finds the channel drained
-                // and closed must see it.
+                // The source's error (of any type). Record it before closing: a consumer that
+                // finds the channel drained and closed must see it.
                 tasks.fail(error)
                 channel.close()
             }

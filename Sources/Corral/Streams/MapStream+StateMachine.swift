@@ -125,11 +125,13 @@ struct MapStreamState<Element, Transformed> {
     /// produced the result of the next element. Returns the consumer to wake and what the
     /// worker does next.
     @inlinable
-    mutating func soloProduced(_ value: Transformed) -> (consumer: UnsafeContinuation<Void, Never>?, next: FeederAction) {
-        guard !isOver else { return (nil, .stop) }
+    mutating func soloProduced(
+        _ value: Transformed
+    ) -> (consumer: UnsafeContinuation<Void, Never>?, next: FeederAction, accepted: Bool) {
+        guard !isOver else { return (nil, .stop, false) }
         output.append((fed, value))
         fed += 1
-        return (takeConsumer(), feederMayPull())
+        return (takeConsumer(), feederMayPull(), true)
     }
 
     /// The source ended. Returns the idle workers to wake (each takes what is left or exits;

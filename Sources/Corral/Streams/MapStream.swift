@@ -370,17 +370,19 @@ final class MapStreamCore<Base: AsyncSequence & Sendable, Transformed: Sendable>
                     sourceEnded()
                     return
                 }
+                // Received (and in flight) from now: the transform may take long, and a hung
+                // one must show.
+                stats?.recordReceived()
                 let value: Transformed?
                 do {
                     value = try await transform(element)
                 } catch {
+                    stats?.recordDropped(1)
                     fail(error)
                     return
                 }
-                let (consumer, next) = state.withLock { state in
-                    if !state.isOver { stats?.recordReceived() }
-                    return state.soloProduced(value)
-                }
+                let (consumer, next, accepted) = state.withLock { $0.soloProduced(value) }
+                if !accepted { stats?.recordDropped(1) }  // the iteration ended meanwhile
                 consumer?.resume()
                 action = next
             }

@@ -268,6 +268,62 @@ struct BatcherTests {
         }
     }
 
+    /// A cancelled caller's handler withdraws its item (batcher lock), then removes its waiter
+    /// (the batch's lock). If the batch is closed, sent and completed between the two, the
+    /// completion must not look up the withdrawn slot's output. (White-box: drives that order.)
+    @Test func completionBetweenWithdrawalAndWaiterRemoval_cancelsTheCaller() async throws {
+        let state = LockedState(BatcherState<Int, Int, ContinuousClock>(
+            maxSize: 10, maxDelay: .seconds(60), maxConcurrentBatches: 1, clock: ContinuousClock()
+        ))
+        guard case .accepted(let outcome, let slot, _) = state.withLock({ $0.enqueue(1) }) else {
+            Issue.record("refused")
+            return
+        }
+        _ = state.withLock { $0.enqueue(2) }
+        let caller = Task {
+            try await outcome.value(slot: slot) {
+                _ = state.withLock { $0.withdraw(outcome, slot: slot) }
+                // What the timer, the supervisor and a handler may do on other threads now:
+                state.withLock { $0.timerFired(generation: 1) }.resume()
+                guard case .dispatch(let batch)? = state.withLock({ $0.nextSupervisorAction() }) else {
+                    Issue.record("the due batch was not dispatched")
+                    return
+                }
+                #expect(batch.items == [2])
+                batch.outcome.complete(.success(batch.items.map { $0 * 2 }), slotToOutput: batch.slotToOutput)
+            }
+        }
+        await waitUntil("the caller waits") { outcome.state.withLock { $0.waiters.count } == 1 }
+        caller.cancel()
+        await #expect(throws: CancellationError.self) { try await caller.value }
+    }
+
+    @Test func dueBatch_goesOnGathering_whileEveryHandlerSlotIsBusy() async throws {
+        let gate = try await closedGate()
+        let sizes = Log<Int>()
+        let batcher = Batcher<Int, Int, ContinuousClock>(maxSize: 100, maxDelay: .zero) { items in
+            sizes.append(items.count)
+            if items == [0] {
+                try await gate.acquire()
+                gate.release()
+            }
+            return items
+        }
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { try await batcher.run() }
+            let first = try batcher.enqueue(0)
+            await waitUntil("the first batch is in the handler") { batcher.stats.inFlightBatches == 1 }
+            let tickets = try (1...10).map { try batcher.enqueue($0) }
+            #expect(batcher.stats.batches == 1 && batcher.stats.buffered == 10)
+            gate.release()
+            _ = try await first.value
+            for (index, ticket) in tickets.enumerated() { #expect(try await ticket.value == index + 1) }
+            batcher.shutdown()
+            try await group.waitForAll()
+        }
+        #expect(sizes.elements == [1, 10], "handler calls: \(sizes.elements)")
+    }
+
     /// Many callers, random cancellations, random handler failures: every caller gets its
     /// own item's result, its batch's error, or a cancellation; the counts add up.
     @Test func randomSchedules_keepTheAccounting() async throws {

@@ -72,6 +72,30 @@ struct FanOutTests {
         #expect(failures.elements == [TestFailure(id: 9), TestFailure(id: 9)])
     }
 
+    @Test func sourceThrowingAChannelError_reachesTheConsumers() async throws {
+        // The feeder must not mistake the source's own ChannelError for its channel closing.
+        let source = AsyncThrowingStream<Int, any Error> { continuation in
+            continuation.yield(1)
+            continuation.finish(throwing: ChannelError<Int>.closed(element: 2))
+        }
+        let received = Log<Int>()
+        let failures = Log<String>()
+        await withTaskGroup(of: Void.self) { group in
+            for part in source.fanOut(2, buffer: 4) {
+                group.addTask {
+                    do {
+                        for try await element in part { received.append(element) }
+                        Issue.record("a consumer ended without the source's error")
+                    } catch {
+                        failures.append("\(type(of: error))")
+                    }
+                }
+            }
+        }
+        #expect(received.elements == [1])
+        #expect(failures.elements == ["ChannelError<Int>", "ChannelError<Int>"])
+    }
+
     @Test func cancelledConsumer_endsAlone() async throws {
         let source = BoundedChannel<Int>(capacity: 0)
         let parts = source.fanOut(2, buffer: 0)

@@ -214,4 +214,29 @@ struct PipelineTests {
         }
         #expect(cancelled.current == 2)
     }
+
+    /// The element in a transform is received and in flight, whatever the concurrency (a lone
+    /// worker included), so that a hung transform shows in the stats and as a stall.
+    @Test(arguments: [1, 2])
+    func elementInATransform_isInFlight(concurrency: Int) async throws {
+        let gate = try await closedGate()
+        let entered = Gauge()
+        let source = AsyncStream<Int> { continuation in continuation.yield(1) }  // never finishes
+        let name = "in-flight-\(concurrency)"
+        let stage = source.stage("hang", concurrency: concurrency) { value in
+            entered.add(1)
+            try await gate.acquire()
+            return value
+        }
+        CorralDiagnostics.track(pipeline: name, stage)
+        let consumer = Task { for try await _ in stage {} }
+        await waitUntil("the transform is running") { entered.current == 1 }
+        #expect(stage.stats.received == 1 && stage.stats.inFlight == 1, "\(stage.stats)")
+        let snapshot = { CorralDiagnostics.snapshot().structures.first { $0.name == "\(name)/hang" } }
+        _ = snapshot()
+        #expect(try #require(snapshot()).stalledFor != nil, "a hung transform is not reported as stalled")
+        consumer.cancel()
+        _ = try? await consumer.value
+        await waitUntil("the element is no longer in flight") { stage.stats.inFlight == 0 }
+    }
 }
