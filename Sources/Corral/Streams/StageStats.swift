@@ -26,6 +26,12 @@ public struct StageStats: Sendable, Hashable, CustomStringConvertible {
     /// Elements taken from upstream and not yet passed downstream or left out, now.
     public var inFlight: Int
     /// Time the stage's workers spent with nothing to transform, summed over the workers.
+    ///
+    /// A stage with `concurrency: 1` pulls its upstream itself; it counts that wait only when
+    /// the upstream is another stage or `map(concurrency:)` (timing every pull from any
+    /// source would cost two clock readings per element). Its first stage over a plain
+    /// source therefore shows zero here; and a transform of such a stage that itself
+    /// iterates a Corral stream adds that stream's waits to this counter.
     public var waitingForInput: Duration
     /// Time the stage spent unable to take more from upstream because its buffer was full of
     /// results downstream had not taken: downstream was not keeping up. (A stage whose buffer
