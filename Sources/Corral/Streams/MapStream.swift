@@ -347,6 +347,9 @@ final class MapStreamCore<Base: AsyncSequence & Sendable, Transformed: Sendable>
 
     /// The lone worker (`concurrency == 1`): pulls the source while the window has room,
     /// transforms, and hands the result to the consumer.
+    ///
+    /// Its pull loop is `feed()`'s, written twice on purpose: sharing it through an async
+    /// closure made pipeline.3stage ~15% slower (about 450 -> 520 ns per item).
     @inlinable
     func solo() async {
         var iterator = base.makeAsyncIterator()
