@@ -148,8 +148,8 @@ public final class CorralMetrics: Service, Sendable {
                 let labels = [("pipeline", pipeline), ("stage", stage.name)]
                 var samples: [Sample] = [
                     .init(kind: .gauge, label: "corral_stage_in_flight", dimensions: labels, value: Double(stage.inFlight)),
-                    .init(kind: .floatingCounter, label: "corral_stage_wait_seconds_total", dimensions: labels + [("waiting_for", "input")], value: stage.waitingForInput.seconds),
-                    .init(kind: .floatingCounter, label: "corral_stage_wait_seconds_total", dimensions: labels + [("waiting_for", "output")], value: stage.waitingForOutput.seconds),
+                    .init(kind: .floatingCounter, label: "corral_stage_wait_seconds_total", dimensions: labels + [("waiting_for", "input")], value: Double(stage.waitingForInput.nanoseconds) / 1e9),
+                    .init(kind: .floatingCounter, label: "corral_stage_wait_seconds_total", dimensions: labels + [("waiting_for", "output")], value: Double(stage.waitingForOutput.nanoseconds) / 1e9),
                 ]
                 for (event, count) in [("received", stage.received), ("emitted", stage.emitted), ("skipped", stage.skipped), ("retried", stage.retried)] {
                     samples.append(.init(kind: .counter, label: "corral_stage_elements_total", dimensions: labels + [("event", event)], value: Double(count)))
@@ -287,20 +287,7 @@ private struct JobTimers: WorkerPoolObserver {
     }
 
     func jobEnded(_ job: WorkerPool.JobReport) {
-        wait.recordNanoseconds(job.waited.nanosecondsClamped)
-        duration.recordNanoseconds(job.ran.nanosecondsClamped)
-    }
-}
-
-extension Duration {
-    var seconds: Double {
-        let (seconds, attoseconds) = components
-        return Double(seconds) + Double(attoseconds) / 1e18
-    }
-
-    var nanosecondsClamped: Int64 {
-        let (seconds, attoseconds) = components
-        let (product, overflow) = seconds.multipliedReportingOverflow(by: 1_000_000_000)
-        return overflow ? .max : product + attoseconds / 1_000_000_000
+        wait.recordNanoseconds(Int64(job.waited.nanoseconds))
+        duration.recordNanoseconds(Int64(job.ran.nanoseconds))
     }
 }

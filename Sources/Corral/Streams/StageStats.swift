@@ -150,9 +150,9 @@ final class StageCounters: Sendable {
 }
 
 extension Duration {
-    /// The duration in whole nanoseconds (saturating).
+    /// The duration in whole nanoseconds (saturating). `package`: CorralServices uses it too.
     @inlinable
-    var nanoseconds: Int {
+    package var nanoseconds: Int {
         let (seconds, attoseconds) = components
         let (product, overflow) = Int(seconds).multipliedReportingOverflow(by: 1_000_000_000)
         if overflow { return seconds < 0 ? .min : .max }
