@@ -70,9 +70,7 @@ public enum CorralDiagnostics {
     /// `last` (and so the pipeline) is deallocated.
     public static func track<Base, Output>(pipeline: String, _ last: PipelineStage<Base, Output>) {
         let stages = last.pipelineCounters.map { WeakReference($0) }  // weakly: tracking keeps nothing alive
-        DiagnosticsRegistry.shared.add(last.counters, kind: "Pipeline", name: pipeline) { _ in
-            StructureSample(tasks: nil, waiting: 0, held: nil, progress: nil, stallToken: nil, details: [:])
-        } expand: { _ in
+        DiagnosticsRegistry.shared.add(last.counters) { _ in
             stages.compactMap { $0.object?.snapshot }.map { stage in
                 let finished = stage.emitted + stage.skipped
                 return (
@@ -208,8 +206,6 @@ final class DiagnosticsRegistry: Sendable {
 
     private struct Entry {
         let id: Int
-        let kind: String
-        let name: String
         let isAlive: @Sendable () -> Bool
         let sample: @Sendable () -> [(kind: String, name: String, sample: StructureSample)]?
     }
@@ -232,13 +228,21 @@ final class DiagnosticsRegistry: Sendable {
 
     private let state = LockedState(State())
 
-    /// Adds `object` (held weakly); `sample` reads it while it lives.
+    /// Adds `object` (held weakly) as one structure; `sample` reads it while it lives.
     func add<Object: AnyObject & Sendable>(
         _ object: Object,
         kind: String,
         name: String,
-        sample: @escaping @Sendable (Object) -> StructureSample,
-        expand: (@Sendable (Object) -> [(kind: String, name: String, sample: StructureSample)])? = nil
+        sample: @escaping @Sendable (Object) -> StructureSample
+    ) {
+        add(object) { object in [(kind, name, sample(object))] }
+    }
+
+    /// Adds `object` (held weakly) as the structures `samples` lists while it lives (a
+    /// pipeline: one per stage).
+    func add<Object: AnyObject & Sendable>(
+        _ object: Object,
+        samples: @escaping @Sendable (Object) -> [(kind: String, name: String, sample: StructureSample)]
     ) {
         let reference = WeakReference(object)
         state.withLock { state in
@@ -247,10 +251,8 @@ final class DiagnosticsRegistry: Sendable {
                 state.purgeAt = Swift.max(64, 2 * state.entries.count)
             }
             state.nextID += 1
-            state.entries.append(Entry(id: state.nextID, kind: kind, name: name, isAlive: { reference.object != nil }) {
-                guard let object = reference.object else { return nil }
-                if let expand { return expand(object) }
-                return [(kind, name, sample(object))]
+            state.entries.append(Entry(id: state.nextID, isAlive: { reference.object != nil }) {
+                reference.object.map(samples)
             })
         }
     }
