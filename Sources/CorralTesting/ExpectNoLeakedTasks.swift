@@ -22,13 +22,14 @@ import Testing
 ///   - settle: How long to keep checking for the tasks to finish before reporting them:
 ///     a structure may still be winding down a task just after `body` returns (a task that
 ///     has thrown its result but not yet exited). Checked often, so a clean run returns
-///     at once.
+///     at once; on a loaded machine the check also waits for 40 polls, each letting other
+///     tasks run, however long they take.
 ///   - sourceLocation: Where to attribute the issue.
 ///   - body: The code under test.
 /// - Returns: What `body` returns.
 /// - Throws: What `body` throws (the leak check runs either way).
 public func expectNoLeakedTasks<Result>(
-    settle: Duration = .milliseconds(500),
+    settle: Duration = .seconds(1),
     sourceLocation: SourceLocation = #_sourceLocation,
     isolation: isolated (any Actor)? = #isolation,
     _ body: () async throws -> Result
@@ -49,12 +50,22 @@ public func expectNoLeakedTasks<Result>(
     }
 }
 
-/// Records an issue listing `ledger`'s live tasks if some are still live after `settle`.
+/// How many times the settle loop lets other tasks run before it may report, however long
+/// that took.
+let minimumSettleRounds = 40
+
+/// Records an issue listing `ledger`'s live tasks if some are still live after `settle`
+/// (and at least `minimumSettleRounds` chances to finish).
 func checkNoLiveTasks(in ledger: TaskLedger, settle: Duration, sourceLocation: SourceLocation) async {
     let clock = ContinuousClock()
     let deadline = clock.now + settle
     var pause = Duration.microseconds(100)
-    while ledger.liveTaskCount > 0 && clock.now < deadline {
+    var rounds = 0
+    // Time alone is not enough: on a loaded machine (parallel tests, a sanitizer, a job that
+    // holds a thread) this task and the finishing ones may get no CPU for a while, and a
+    // check that wakes past the deadline would report tasks that never had a chance to end.
+    // So it also waits for a number of rounds, each letting the other tasks run.
+    while ledger.liveTaskCount > 0 && (clock.now < deadline || rounds < minimumSettleRounds) {
         // Let the finishing tasks run; back off like goleak's retries. A cancelled test
         // cannot sleep: check once more and report.
         await Task.yield()
@@ -63,6 +74,7 @@ func checkNoLiveTasks(in ledger: TaskLedger, settle: Duration, sourceLocation: S
         } catch {
             break
         }
+        rounds += 1
         pause = min(pause * 2, .milliseconds(20))
     }
     let live = ledger.liveTasks

@@ -514,7 +514,7 @@ final class MapStreamCore<Base: AsyncSequence & Sendable, Transformed: Sendable>
     func fail(_ error: any Error) {
         guard let stop = state.withLock({ $0.failed(error) }) else { return }
         stop.resume()
-        tasks.cancelAll()
+        tasks.cancel()
     }
 
     /// The consumer ended the iteration (finished, failed, cancelled or stopped early).

@@ -18,8 +18,13 @@ final class StreamTasks: Sendable {
     /// Starts a producer task.
     @usableFromInline
     func start(_ operation: sending @escaping @isolated(any) () async -> Void) {
-        let started = tracker.trySpawn(operation)
-        precondition(started, "StreamTasks: more producers than the limit it was created with")
+        guard tracker.trySpawn(operation) else {
+            // A producer that already started may have failed the stream (closing the
+            // tracker) while the others were being started: those are not needed any more.
+            // Anything else is more producers than the limit, a bug of the operator.
+            precondition(tracker.isClosed, "StreamTasks: more producers than the limit it was created with")
+            return
+        }
     }
 
     /// Records the stream's first error and cancels every producer. Returns whether `error`
@@ -40,14 +45,7 @@ final class StreamTasks: Sendable {
         failure.withLock { $0 }
     }
 
-    /// Cancels every task (the stream failed); more may not be started.
-    @usableFromInline
-    func cancelAll() {
-        tracker.cancelAll()
-        tracker.close()
-    }
-
-    /// The consumer is gone (or the stream is over): cancel every producer.
+    /// The consumer is gone or the stream is over: cancels every producer, and starts no more.
     @usableFromInline
     func cancel() {
         tracker.cancelAll()

@@ -135,6 +135,24 @@ struct MapStreamTests {
         }
     }
 
+    @Test func aSourceFailingAtOnce_whileTheWorkersAreStarting_endsWithItsError() async throws {
+        // The feeder starts first and may fail the iteration (which starts no more tasks)
+        // before the consumer has started every worker: that must end the sequence with the
+        // error, not trap because a worker could not be started.
+        for _ in 0..<stressIterations(default: 300) {
+            try await expectNoLeakedTasks {
+                let source = Scripted(failure: TestFailure(id: 1))
+                var thrown: (any Error)?
+                do {
+                    for try await _ in source.map(concurrency: 8, { $0 }) {}
+                } catch {
+                    thrown = error
+                }
+                #expect(thrown as? TestFailure == TestFailure(id: 1))
+            }
+        }
+    }
+
     @Test func cancellingTheConsumer_throwsCancellationError_andCancelsTheTransforms() async throws {
         let cancelled = Gauge()
         let started = Gauge()
