@@ -12,6 +12,10 @@ import Synchronization
 /// ``WorkerPool/stats``.
 public struct JobHandle<Success: Sendable>: Sendable {
     let job: PoolJob<Success>
+    /// The pool. Held here rather than by the job: a job that holds its pool would retain it
+    /// on the submitting thread and release it on a worker's, a reference count bouncing
+    /// between cores on every job (measured, pool.throughput).
+    let storage: WorkerPoolStorage
 
     /// The job's result, once it has ended.
     ///
@@ -24,7 +28,7 @@ public struct JobHandle<Success: Sendable>: Sendable {
     ///   (``TimeoutError`` when its deadline passed) and the job carries on.
     public var value: Success {
         get async throws {
-            try await job.storage.result(of: job).get()
+            try await storage.result(of: job).get()
         }
     }
 
@@ -32,7 +36,7 @@ public struct JobHandle<Success: Sendable>: Sendable {
     /// job's task is cancelled (the job observes `Task.isCancelled`). No effect once the job
     /// has ended.
     public func cancel() {
-        job.storage.cancel(job)
+        storage.cancel(job)
     }
 }
 
@@ -44,7 +48,7 @@ public struct JobHandle<Success: Sendable>: Sendable {
 /// to `running` races a cancellation's (or an immediate shutdown's) from `unclaimed` to
 /// `dropped`, and exactly one wins.
 class PoolJobBase: @unchecked Sendable {
-    // @unchecked Sendable: `storage` is immutable; `claim` is atomic; `placement` and
+    // @unchecked Sendable: `claim` is atomic; `placement` and
     // `waiters` are read and written only with the owning pool's lock (`storage.state`) held;
     // `recordedEnd` is written by the one worker that won `claim`, before it takes that lock
     // to report, and read under the lock after that report.
@@ -70,7 +74,6 @@ class PoolJobBase: @unchecked Sendable {
         static let cancelling: UInt8 = 4
     }
 
-    let storage: WorkerPoolStorage
     let claim = Atomic<UInt8>(Claim.unclaimed)
     var placement = Placement.queued
     var waiters = WaiterQueue<Void, Bool>()
@@ -79,13 +82,12 @@ class PoolJobBase: @unchecked Sendable {
     /// worker has reported its batch.
     var recordedEnd = JobEnd.completed
 
-    init(storage: WorkerPoolStorage) {
-        self.storage = storage
-    }
+    init() {}
 
     /// Runs the job on the calling worker and keeps its result (published under the pool's
-    /// lock by the worker afterwards). Overridden by ``PoolJob``.
-    func run() async -> JobEnd { preconditionFailure("PoolJobBase.run is abstract") }
+    /// lock by the worker afterwards), reporting it to the pool's `observer` if it has one.
+    /// Overridden by ``PoolJob``.
+    func run(observer: (any WorkerPoolObserver)?) async -> JobEnd { preconditionFailure("PoolJobBase.run is abstract") }
 
     /// Ends a job that never ran with `error` (overridden by ``PoolJob``).
     func endWithoutRunning(_ error: any Error) { preconditionFailure("PoolJobBase.endWithoutRunning is abstract") }
@@ -128,32 +130,35 @@ enum JobEnd: Sendable {
 /// A job with its typed operation and result.
 final class PoolJob<Success: Sendable>: PoolJobBase, @unchecked Sendable {
     // @unchecked Sendable: `operation` is read once, by the worker that won `claim`;
-    // `result` is written once — by that worker before it publishes the end under the pool's
-    // lock, or under the lock for a job that never ran — and read only after that
-    // publication.
+    // `value` and `error` are written once (one of them) — by that worker before it publishes
+    // the end under the pool's lock, or under the lock for a job that never ran — and read
+    // only after that publication.
     // `acceptedAt` is written once, at init.
     private let operation: @isolated(any) () async throws -> Success
-    private var result: Result<Success, any Error>?
+    // Two fields rather than a `Result`: this code is not specialized for the user's
+    // `Success`, and a generic `Result` costs a metadata lookup per job (measured, pool.throughput).
+    private var value: Success?
+    private var error: (any Error)?
     /// When the job was submitted, if the pool has an observer.
     private let acceptedAt: ContinuousClock.Instant?
 
-    init(storage: WorkerPoolStorage, operation: @escaping @isolated(any) () async throws -> Success) {
+    init(observed: Bool, operation: @escaping @isolated(any) () async throws -> Success) {
         self.operation = operation
-        self.acceptedAt = storage.observer == nil ? nil : .now
-        super.init(storage: storage)
+        self.acceptedAt = observed ? .now : nil
+        super.init()
     }
 
-    override func run() async -> JobEnd {
+    override func run(observer: (any WorkerPoolObserver)?) async -> JobEnd {
         let startedAt = acceptedAt == nil ? nil : ContinuousClock.now
         let end: JobEnd
         do {
-            result = .success(try await operation())
+            value = try await operation()
             end = .completed
         } catch {
-            result = .failure(error)
+            self.error = error
             end = error is CancellationError && Task.isCancelled ? .cancelled : .failed
         }
-        if let observer = storage.observer, let acceptedAt, let startedAt {
+        if let observer, let acceptedAt, let startedAt {
             let outcome: WorkerPool.JobReport.Outcome = switch end {
             case .completed: .completed
             case .cancelled: .cancelled
@@ -167,13 +172,14 @@ final class PoolJob<Success: Sendable>: PoolJobBase, @unchecked Sendable {
     }
 
     override func endWithoutRunning(_ error: any Error) {
-        result = .failure(error)
+        self.error = error
     }
 
     /// The published result. Call only once the job has ended.
     func publishedResult() -> Result<Success, any Error> {
-        guard let result else { preconditionFailure("PoolJob: result read before the job ended") }
-        return result
+        if let error { return .failure(error) }
+        guard let value else { preconditionFailure("PoolJob: result read before the job ended") }
+        return .success(value)
     }
 }
 

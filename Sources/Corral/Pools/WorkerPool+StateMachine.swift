@@ -79,7 +79,7 @@ struct WorkerPoolStateMachine {
     }
 
     /// The most jobs a worker takes at once.
-    static let maximumBatch = 16
+    static let maximumBatch = 64
 
     let name: String
     let minimumWorkers: Int

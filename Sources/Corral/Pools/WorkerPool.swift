@@ -133,12 +133,12 @@ public final class WorkerPool: Sendable {
     public func submit<Success: Sendable>(
         _ operation: sending @escaping @isolated(any) () async throws -> Success
     ) async throws -> JobHandle<Success> {
-        let job = PoolJob(storage: storage, operation: operation)
+        let job = PoolJob(observed: storage.observer != nil, operation: operation)
         switch storage.state.withLock({ $0.submitRequested(job, mayWait: true) }) {
         case .accepted(let worker, let supervisor):
             worker?.resume()
             supervisor?.resume()
-            return JobHandle(job: job)
+            return JobHandle(job: job, storage: storage)
         case .refused, .queueFull:
             throw PoolError.shutdown(pool: name)
         case .suspend(let id, let supervisor):
@@ -149,7 +149,7 @@ public final class WorkerPool: Sendable {
                 state.submitterCancelled(id)
             }
             switch outcome {
-            case .accepted: return JobHandle(job: job)
+            case .accepted: return JobHandle(job: job, storage: storage)
             case .refused: throw PoolError.shutdown(pool: name)
             case .cancelled: throw DeadlineContext.cancellationError()
             }
@@ -165,12 +165,12 @@ public final class WorkerPool: Sendable {
     public func trySubmit<Success: Sendable>(
         _ operation: sending @escaping @isolated(any) () async throws -> Success
     ) throws -> JobHandle<Success> {
-        let job = PoolJob(storage: storage, operation: operation)
+        let job = PoolJob(observed: storage.observer != nil, operation: operation)
         switch storage.state.withLock({ $0.submitRequested(job, mayWait: false) }) {
         case .accepted(let worker, let supervisor):
             worker?.resume()
             supervisor?.resume()
-            return JobHandle(job: job)
+            return JobHandle(job: job, storage: storage)
         case .queueFull(let supervisor):
             supervisor?.resume()
             throw PoolError.queueFull(pool: name)
@@ -249,7 +249,7 @@ final class WorkerPoolStorage: Sendable {
             case .run(let batch):
                 jobs = batch
             case .runClaimed(let job):
-                job.recordedEnd = await job.run()
+                job.recordedEnd = await job.run(observer: observer)
                 _ = job.markRan()  // if its handle is cancelling this task, the report retires us
             case .park(let id, let idleTimeout):
                 let timer = idleTimeout.map { IdleTimerScope(deadline: .now + $0, storage: self, waiter: id) }
@@ -272,7 +272,7 @@ final class WorkerPoolStorage: Sendable {
             }
             for job in jobs {
                 guard job.claimForRunning() else { continue }  // cancelled or rejected meanwhile
-                job.recordedEnd = await job.run()
+                job.recordedEnd = await job.run(observer: observer)
                 // A cancellation is cancelling this worker's task: report, then retire.
                 if !job.markRan() { break }
             }
