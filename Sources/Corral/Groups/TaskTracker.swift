@@ -18,7 +18,9 @@
 /// ```
 ///
 /// Tasks are unstructured tasks, accounted for by the tracker: they inherit the spawner's
-/// task-local values and priority, and run on the isolation of the closure passed in
+/// task-local values and priority — but not its deadline: the spawner's ``withDeadline(_:_:)``
+/// does not cancel them, so ``Deadline/current`` is `nil` in them unless they set their
+/// own — and run on the isolation of the closure passed in
 /// (annotate it `@MainActor` to run there). A finished task's handle is dropped at once, so
 /// the tracker's memory stays proportional to its live tasks, however many have run.
 ///
@@ -169,7 +171,11 @@ public final class TaskTracker: Sendable {
                 waiters.resumeAll()
             }
             do {
-                try await job.operation()
+                // Not under the spawner's deadline: a tracked task outlives it, and the
+                // deadline's timer would never cancel this task anyway.
+                try await DeadlineContext.current.withValue(nil) {
+                    try await job.operation()
+                }
             } catch {
                 if error is CancellationError && Task.isCancelled { return }
                 if let onError {

@@ -37,6 +37,12 @@ class DeadlineScope: @unchecked Sendable {
     /// Called by the timer thread, without any lock held, once the deadline has passed.
     @usableFromInline
     func fire() {}
+
+    /// Whether this scope's timer cancels the current task when the deadline passes, so that
+    /// a nested scope with a later deadline may rely on it and run inline. False unless the
+    /// subclass knows its task.
+    @usableFromInline
+    var cancelsCurrentTask: Bool { false }
 }
 
 /// The process-wide timer behind every Corral deadline: one thread, one min-heap.

@@ -17,7 +17,9 @@ public enum Deadline {
     /// ``withTimeout(_:_:)`` scopes, or `nil` outside any.
     ///
     /// An inner scope never extends an outer one, so this is the earliest of them. Child
-    /// tasks inherit it (it is a task-local value).
+    /// tasks inherit it (it is a task-local value); so do unstructured tasks (`Task { }`),
+    /// which the deadline does not cancel, except the tasks of a ``TaskTracker`` and of
+    /// Corral's stream operators, which start without one.
     public static var current: ContinuousClock.Instant? {
         DeadlineContext.scope?.deadline
     }
@@ -120,9 +122,10 @@ public func withDeadline<Success: Sendable>(
         throw TimeoutError(deadline: deadline)
     }
     let enclosing = DeadlineContext.scope
-    if let enclosing, enclosing.deadline <= deadline {
-        // The enclosing deadline is at least as tight: it already cancels this task when it
-        // passes, so the body can run right here, in this task.
+    if let enclosing, enclosing.deadline <= deadline, enclosing.cancelsCurrentTask {
+        // The enclosing deadline is at least as tight and cancels this very task when it
+        // passes, so the body can run right here. (A task that merely inherited the scope —
+        // a child task, or an unstructured one that the scope never cancels — arms its own.)
         do {
             return try await body()
         } catch {
@@ -227,5 +230,15 @@ final class TaskDeadlineScope: DeadlineScope, @unchecked Sendable {
 
     override func fire() {
         task?.cancel()
+    }
+
+    /// Whether the current task is this scope's body task, while the body runs.
+    ///
+    /// Comparing the saved task with the current one is sound: while the body runs its task
+    /// is alive, so no other task has its address; once the body has returned this is false.
+    @usableFromInline
+    override var cancelsCurrentTask: Bool {
+        guard !hasBodyReturned, let task else { return false }
+        return withUnsafeCurrentTask { $0 == task }
     }
 }

@@ -180,7 +180,6 @@ struct MapStreamIterator<Base: AsyncSequence & Sendable, Transformed: Sendable> 
     @usableFromInline var ring: [Transformed??]
     /// Ordered mode: the index of the next result to return.
     @usableFromInline var nextIndex = 0
-    @usableFromInline var started = false
     @usableFromInline var finished = false
 
     @inlinable
@@ -218,8 +217,10 @@ struct MapStreamIterator<Base: AsyncSequence & Sendable, Transformed: Sendable> 
                 }
             }
             if finished { return nil }
-            if !started {
-                started = true
+            if !handle.started {
+                // In the shared handle, not in this struct: a copy of the iterator must not
+                // start a second set of tasks on the same state.
+                handle.started = true
                 core.start()
             }
             arrived.removeAll(keepingCapacity: true)
@@ -277,6 +278,8 @@ final class MapStreamHandle<Base: AsyncSequence & Sendable, Transformed: Sendabl
     @usableFromInline let core: MapStreamCore<Base, Transformed>
     /// Results returned (or left out) since the consumer last reported to the shared state.
     @usableFromInline var returned = 0
+    /// The iteration's tasks were started (on the first `next()`).
+    @usableFromInline var started = false
 
     @inlinable
     init(_ core: MapStreamCore<Base, Transformed>) {
@@ -333,15 +336,15 @@ final class MapStreamCore<Base: AsyncSequence & Sendable, Transformed: Sendable>
     /// Starts the feeder and the workers, or the lone worker.
     @inlinable
     func start() {
-        // Tasks inherit task-locals: each sets its own `StreamDownstream.stageCounters` (a
-        // lone worker is the downstream of the stage it pulls from; the others are no one's).
+        // A lone worker is the downstream of the stage it pulls from: it says so through
+        // `StreamDownstream.stageCounters` (stream tasks start without one).
         if concurrency == 1 {
             tasks.start { [self] in await StreamDownstream.stageCounters.withValue(stats) { await solo() } }
             return
         }
-        tasks.start { [self] in await StreamDownstream.stageCounters.withValue(nil) { await feed() } }
+        tasks.start { [self] in await feed() }
         for _ in 0..<concurrency {
-            tasks.start { [self] in await StreamDownstream.stageCounters.withValue(nil) { await work() } }
+            tasks.start { [self] in await work() }
         }
     }
 
@@ -488,7 +491,13 @@ final class MapStreamCore<Base: AsyncSequence & Sendable, Transformed: Sendable>
                         fail(error)
                         return
                     }
-                    state.withLock { $0.resultProduced(index: index, value: value) }?.resume()
+                    let (consumer, isOver) = state.withLock { state in
+                        (state.resultProduced(index: index, value: value), state.isOver)
+                    }
+                    consumer?.resume()
+                    // Over (the consumer left, or something failed): leave the rest of the
+                    // chunk untransformed, as the transforms of other workers are cancelled.
+                    if isOver { return }
                 }
                 batch.removeAll(keepingCapacity: true)
             }

@@ -129,10 +129,12 @@ final class MergeStorage<Source: AsyncSequence & Sendable>: Sendable where Sourc
                 }
                 do {
                     for try await element in source {
-                        try await channel.send(element)
+                        do {
+                            try await channel.send(element)
+                        } catch {
+                            return  // closed or cancelled: the iteration ended
+                        }
                     }
-                } catch is ChannelError<Element> {
-                    return  // the iteration ended
                 } catch {
                     if error is CancellationError && Task.isCancelled { return }
                     tasks.fail(error)

@@ -18,7 +18,14 @@ final class StreamTasks: Sendable {
     /// Starts a producer task.
     @usableFromInline
     func start(_ operation: sending @escaping @isolated(any) () async -> Void) {
-        guard tracker.trySpawn(operation) else {
+        // A producer is nobody's lone stage worker unless it says so: without this it would
+        // inherit the consumer's stage counters (when the consumer is a stage's lone worker)
+        // and count its own waits as that stage's. (The tracker also drops the consumer's
+        // deadline, which never cancels these tasks.)
+        let started = tracker.trySpawn {
+            await StreamDownstream.stageCounters.withValue(nil) { await operation() }
+        }
+        guard started else {
             // A producer that already started may have failed the stream (closing the
             // tracker) while the others were being started: those are not needed any more.
             // Anything else is more producers than the limit, a bug of the operator.

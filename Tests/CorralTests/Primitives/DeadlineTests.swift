@@ -206,4 +206,20 @@ struct DeadlineTests {
         }.value
         #expect(onMain)
     }
+
+    @Test func anUnstructuredTask_underAnEndedDeadline_timesOutOnItsOwn() async throws {
+        // The task inherits the outer scope (a task-local) but is never cancelled by it: its
+        // own, later deadline must arm a timer rather than rely on the outer one.
+        let gate = AsyncSemaphore(permits: 1)
+        try await gate.acquire()
+        let task = try await withTimeout(.milliseconds(20)) {
+            Task { try await withTimeout(.milliseconds(50)) { try await gate.acquire() } }
+        }
+        let watchdog = Task {
+            try await Task.sleep(for: .seconds(5))
+            task.cancel()  // the bug: it would wait forever; fail with CancellationError instead
+        }
+        defer { watchdog.cancel() }
+        await #expect(throws: TimeoutError.self) { try await task.value }
+    }
 }

@@ -140,4 +140,55 @@ struct FanOutTests {
             #expect(try await iterator.next() == nil)
         }
     }
+
+    @Test func theFeeder_isNotBoundByTheDeadlineOfTheConsumerThatStartedIt() async throws {
+        // Consumer A starts the feeder under a 1 s deadline and leaves. The source then
+        // times out on its own (1.5 s); before the fix the feeder inherited A's deadline,
+        // the source's timeout ran "inline" under it, nothing ever cancelled the feeder, and
+        // consumer B waited forever (here: until its 10 s guard).
+        try await expectNoLeakedTasks {
+            let gate = try await closedGate()
+            let parts = SelfTimedSource(gate: gate).fanOut(2, buffer: 0)
+            let first = parts[0], second = parts[1]
+            let element = try await withTimeout(.seconds(1)) { () async throws -> Int? in
+                var iterator = first.makeAsyncIterator()
+                return try await iterator.next()
+            }
+            #expect(element == 1)
+            var outcome: (any Error)?
+            do {
+                try await withTimeout(.seconds(10)) { for try await _ in second {} }
+            } catch {
+                outcome = error
+            }
+            #expect(outcome as? TestFailure == TestFailure(id: 7), "got \(String(describing: outcome))")
+        }
+    }
+}
+
+/// First `next()`: 1. Second: waits on `gate` under its own 1.5 s timeout, and turns that
+/// timeout into `TestFailure(id: 7)`.
+private struct SelfTimedSource: AsyncSequence, Sendable {
+    let gate: AsyncSemaphore
+
+    struct AsyncIterator: AsyncIteratorProtocol {
+        let gate: AsyncSemaphore
+        var sent = false
+
+        mutating func next() async throws -> Int? {
+            if !sent {
+                sent = true
+                return 1
+            }
+            let gate = self.gate
+            do {
+                try await withTimeout(.milliseconds(1_500)) { try await gate.acquire() }
+            } catch is TimeoutError {
+                throw TestFailure(id: 7)
+            }
+            return nil
+        }
+    }
+
+    func makeAsyncIterator() -> AsyncIterator { AsyncIterator(gate: gate) }
 }

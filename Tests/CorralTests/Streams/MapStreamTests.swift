@@ -274,4 +274,48 @@ struct MapStreamTests {
         for try await value in doubled { results.append(value) }
         #expect(results == (0..<20).map { $0 * 2 })
     }
+
+    @Test func afterTheConsumerStops_workersStartNoFurtherTransform() async throws {
+        // A worker takes a chunk of the input at once. Once the consumer has stopped, it must
+        // not go on transforming the rest of its chunk (transforms that ignore cancellation,
+        // like CPU work, would otherwise outlive the iteration).
+        let produced = Gauge(), stopped = Gauge(), startedAfterStop = Gauge()
+        try await expectNoLeakedTasks {
+            let mapped = Counting(range: 0..<64, produced: produced)
+                .map(concurrency: 2, ordered: false, buffer: 64) { value in
+                    if stopped.current > 0 { startedAfterStop.add(1) }
+                    if value < 2 {
+                        // The first two: hold on until the whole input is queued, so that each
+                        // worker then takes a chunk of it.
+                        await waitUntil("the window is full") { produced.current == 64 }
+                    } else {
+                        // The first of each chunk: hold on (ignoring cancellation) until the
+                        // consumer has gone.
+                        await waitUntil("the consumer stopped") { stopped.current > 0 }
+                    }
+                    return value
+                }
+            do {
+                var iterator = mapped.makeAsyncIterator()
+                _ = try await iterator.next()
+            }  // the iterator is dropped here: the consumer stops early
+            stopped.add(1)
+        }
+        #expect(startedAfterStop.current == 0, "\(startedAfterStop.current) transforms started after the consumer stopped")
+    }
+
+    @Test func aCopiedIterator_doesNotStartTheTasksTwice() async throws {
+        // Copies of an iterator share its iteration. Before, each copy started its own set
+        // of tasks on the shared state on its first next(), and the second set trapped.
+        try await expectNoLeakedTasks {
+            var first = Counting(range: 0..<100).map(concurrency: 2, ordered: false) { $0 }.makeAsyncIterator()
+            var second = first
+            var received: [Int] = []
+            if let value = try await first.next() { received.append(value) }   // starts the tasks
+            if let value = try await second.next() { received.append(value) }  // must not start more
+            while let value = try await first.next() { received.append(value) }
+            while let value = try await second.next() { received.append(value) }
+            #expect(received.sorted() == Array(0..<100))  // every element once, across the copies
+        }
+    }
 }

@@ -140,4 +140,35 @@ struct MergeTests {
         #expect(try await iterator.next() == 1)
         #expect(try await iterator.next() == 2)
     }
+
+    @Test func aSourceThrowingAChannelErrorOfItsOwn_failsTheStream() async throws {
+        // Only a failed send means "the iteration ended"; a ChannelError thrown by a source
+        // (one that reads a closed Corral channel, say) is that source's failure.
+        try await expectNoLeakedTasks {
+            var thrown: (any Error)?
+            do {
+                for try await _ in merge([ChannelErrorSource(), ChannelErrorSource()]) {}
+            } catch {
+                thrown = error
+            }
+            #expect(thrown as? ChannelError<Int> != nil, "the sources' error was swallowed")
+        }
+    }
+}
+
+/// Yields 1, then throws a `ChannelError<Int>` of its own.
+private struct ChannelErrorSource: AsyncSequence, Sendable {
+    struct AsyncIterator: AsyncIteratorProtocol {
+        var sent = false
+
+        mutating func next() async throws -> Int? {
+            if !sent {
+                sent = true
+                return 1
+            }
+            throw ChannelError<Int>.closed(element: 2)
+        }
+    }
+
+    func makeAsyncIterator() -> AsyncIterator { AsyncIterator() }
 }
