@@ -25,6 +25,7 @@ struct GroupJob: @unchecked Sendable {
 /// |                       | room in the queue                                | enqueue `job` |
 /// |                       | otherwise                                        | the adder parks with `job` |
 /// | `workerWoke`          | —                                                | no wake-up pending; wake another idle worker if jobs are queued |
+/// | `workerMayRun`        | group cancelled                                  | the task it was handed never starts; the worker exits |
 /// | `jobFinished`         | a job is queued                                  | run it; admit the first parked adder's job into the queue |
 /// |                       | body finished or group cancelled                 | the worker exits |
 /// |                       | otherwise                                        | the worker parks (idle) |
@@ -145,6 +146,15 @@ struct ErrorGroupStateMachine {
             woken.append(next.resumption)
         }
         return woken
+    }
+
+    /// A worker is about to run the task it was handed (when it was started, or woken from
+    /// idle): `false` if the group was cancelled meanwhile — the task never starts, and the
+    /// worker exits.
+    mutating func workerMayRun() -> Bool {
+        guard isCancelled else { return true }
+        workers -= 1
+        return false
     }
 
     mutating func jobFinished() -> NextAction {

@@ -247,6 +247,7 @@ final class ErrorGroupStorage: Sendable {
     /// body has finished and the queue is empty, or the group is cancelled.
     nonisolated(nonsending)
     func runWorker(first: GroupJob) async throws {
+        guard state.withLock({ $0.workerMayRun() }) else { return }
         var job = first
         while true {
             do {
@@ -269,7 +270,9 @@ final class ErrorGroupStorage: Sendable {
                 }
                 switch outcome {
                 case .job(let next):
-                    state.withLock { $0.workerWoke() }.resumeAll()
+                    let (woken, mayRun) = state.withLock { ($0.workerWoke(), $0.workerMayRun()) }
+                    woken.resumeAll()
+                    guard mayRun else { return }
                     job = next
                 case .finish:
                     return

@@ -75,6 +75,9 @@ class PoolJobBase: @unchecked Sendable {
     }
 
     let claim = Atomic<UInt8>(Claim.unclaimed)
+    /// Someone waits for the result: its worker publishes the end as soon as the job has run,
+    /// not with its batch (see `WorkerPoolStateMachine.resultRequested`).
+    let waited = Atomic<Bool>(false)
     var placement = Placement.queued
     var waiters = WaiterQueue<Void, Bool>()
     /// How the job ended when it ran: written by its worker before `markRan` (or before the
@@ -110,7 +113,13 @@ class PoolJobBase: @unchecked Sendable {
     /// The job ran to its end; `false` if a cancellation is cancelling its worker's task (the
     /// worker must then retire).
     func markRan() -> Bool {
-        claim.compareExchange(expected: Claim.running, desired: Claim.ran, ordering: .acquiringAndReleasing).exchanged
+        // Sequentially consistent: ordered with the `waited` flag (see `resultRequested`).
+        claim.compareExchange(expected: Claim.running, desired: Claim.ran, ordering: .sequentiallyConsistent).exchanged
+    }
+
+    /// Someone waits for the result of this job, which has just been marked ran.
+    var isWaitedFor: Bool {
+        waited.load(ordering: .sequentiallyConsistent)
     }
 
     /// A cancellation may cancel the task running the job; `false` if it is not running.

@@ -20,13 +20,17 @@ import DequeModule
 /// |                          | room in the queue, no submitter parked      | enqueue (elastic: start a worker if none is idle and fewer than `max` live) |
 /// |                          | otherwise                                   | the submitter parks with its job (`trySubmit`: `.queueFull`) |
 /// | `workerReady(w)`         | —                                           | report `w`'s last batch: publish each result that ran, put back any it did not start |
-/// |                          | a job of `w`'s is being cancelled           | `w` retires (its task is cancelled); a replacement starts if needed |
+/// |                          | a job of `w`'s is being cancelled           | `w` retires (its task is cancelled); a replacement starts if below `min`, or if jobs are queued or submitters parked |
 /// |                          | jobs are queued                             | take a batch; at or below the low watermark (half the capacity), admit parked submitters while there is room |
 /// |                          | a submitter is parked (rendezvous pool)     | take its job; it is accepted |
 /// |                          | shut down                                   | `w` exits, and so do the idle workers |
 /// |                          | otherwise                                   | `w` parks (elastic, above `min`: with an idle timer) |
-/// | `idleTimerFired(w)`      | `w` still idle, more than `min` live         | `w` exits |
-/// | `cancelRequested(j)`     | queued                                      | end it (cancelled), tombstone in the queue |
+/// | `idleTimerFired(w)`      | `w` still idle, more than `min` live, nothing queued | `w` exits |
+/// | `resultRequested(j)`     | ended                                       | read the result |
+/// |                          | it ran, its worker has not reported it      | publish its end now (see `resultRequested`) |
+/// |                          | otherwise                                   | flag it waited-for; the waiter parks on it |
+/// | `ranJobWaitedFor(j)`     | not yet published                           | publish its end now, without waiting for the batch's report |
+/// | `cancelRequested(j)`     | queued                                      | end it (cancelled), tombstone in the queue; at or below the low watermark, admit parked submitters |
 /// |                          | in a batch, not started                     | win its claim, end it (cancelled) |
 /// |                          | running                                     | mark its worker; cancel the worker's task (outside the lock) |
 /// | `shutdown(.graceful)`    | accepting                                   | draining; parked submitters refused; idle workers take queued jobs or exit |
@@ -332,7 +336,8 @@ struct WorkerPoolStateMachine {
         for job in worker.batch {
             switch job.claim.load(ordering: .acquiring) {
             case PoolJobBase.Claim.ran, PoolJobBase.Claim.cancelling:
-                finish(job, job.recordedEnd, into: &resumptions.waiters)
+                // (It may have been published already, for someone waiting for it.)
+                if !job.isEnded { finish(job, job.recordedEnd, into: &resumptions.waiters) }
             case PoolJobBase.Claim.unclaimed:
                 putBack += 1
             default:
@@ -381,7 +386,9 @@ struct WorkerPoolStateMachine {
 
     /// An idle worker's timer fired: it exits if it is still idle and the pool is above `min`.
     mutating func idleTimerFired(_ id: WaiterID) -> Resumption<WorkerOutcome>? {
-        guard liveWorkers > minimumWorkers, let left = idle.settle(id, with: .exit) else { return nil }
+        // Jobs are queued (a wake-up is on its way to another idle worker, which will wake
+        // the next): this worker is about to be needed, so it stays.
+        guard liveWorkers > minimumWorkers, queuedCount == 0, let left = idle.settle(id, with: .exit) else { return nil }
         liveWorkers -= 1
         return left.resumption
     }
@@ -411,7 +418,8 @@ struct WorkerPoolStateMachine {
 
     private mutating func retire(replace: Bool, into resumptions: inout ReadyResumptions) -> WorkerAction {
         liveWorkers -= 1
-        if replace && lifecycle != .stopping && (liveWorkers < minimumWorkers || queuedCount > 0) && liveWorkers < maximumWorkers {
+        let workWaits = queuedCount > 0 || !submitters.isEmpty  // (a rendezvous pool's work waits with its submitters)
+        if replace && lifecycle != .stopping && (liveWorkers < minimumWorkers || workWaits) && liveWorkers < maximumWorkers {
             requestWorker()
             resumptions.supervisor = notifySupervisor()
         }
@@ -448,10 +456,39 @@ struct WorkerPoolStateMachine {
         finish(job, end, into: &waiters)
     }
 
-    /// `value` asks for the result: `nil` when the job has ended (read it), or the id to
-    /// suspend with.
-    mutating func resultRequested(_ job: PoolJobBase) -> WaiterID? {
-        job.isEnded ? nil : job.waiters.enqueue(())
+    enum ResultAction {
+        /// The job has ended: read its result, after resuming these other waiters.
+        case ended(Resumptions<Bool>)
+        /// Suspend with this id until the job ends.
+        case wait(WaiterID)
+    }
+
+    /// `value` asks for the result.
+    ///
+    /// A worker publishes its jobs' ends when it reports its batch, which may be many jobs
+    /// later; a job that someone waits for must not wait for its batch-mates (nor deadlock
+    /// when a later job of the same batch waits for it). So the waiter raises the job's
+    /// `waited` flag, then looks at its claim: a job that already ran is published here, and
+    /// a worker that finishes a job looks at the flag after marking it ran and publishes it
+    /// then (`ranJobWaitedFor`). The flag and the claim are sequentially consistent, so at
+    /// least one of the two sees the other; publishing twice is harmless.
+    mutating func resultRequested(_ job: PoolJobBase) -> ResultAction {
+        var waiters = Resumptions<Bool>()
+        if job.isEnded { return .ended(waiters) }
+        job.waited.store(true, ordering: .sequentiallyConsistent)
+        if job.claim.load(ordering: .sequentiallyConsistent) == PoolJobBase.Claim.ran {
+            finish(job, job.recordedEnd, into: &waiters)
+            return .ended(waiters)
+        }
+        return .wait(job.waiters.enqueue(()))
+    }
+
+    /// A worker ran `job`, which someone waits for: publish its end now rather than with the
+    /// worker's batch. Returns the waiters to resume.
+    mutating func ranJobWaitedFor(_ job: PoolJobBase) -> Resumptions<Bool> {
+        var waiters = Resumptions<Bool>()
+        if !job.isEnded { finish(job, job.recordedEnd, into: &waiters) }
+        return waiters
     }
 
     mutating func resultWaiterSuspended(_ job: PoolJobBase, _ id: WaiterID, _ continuation: UnsafeContinuation<Bool, Never>) -> Resumption<Bool>? {
@@ -464,8 +501,8 @@ struct WorkerPoolStateMachine {
 
     enum CancelAction {
         case none
-        /// Ended before it started: resume these waiters.
-        case ended(Resumptions<Bool>)
+        /// Ended before it started: resume these waiters, and these submitters let in.
+        case ended(Resumptions<Bool>, Resumptions<SubmitOutcome>)
         /// Running: cancel this task, then report with `jobCancelDelivered`.
         case cancelTask(UnsafeCurrentTask, PoolWorker)
     }
@@ -478,11 +515,14 @@ struct WorkerPoolStateMachine {
             _ = job.claimForDropping()
             queuedCount -= 1
             drop(job, .cancelled, error: CancellationError(), into: &waiters)
-            return .ended(waiters)
+            // Its place in the queue is free: submitters waiting for room may come in.
+            var submitters = Resumptions<SubmitOutcome>()
+            if queuedCount <= lowWatermark { admitSubmitters(into: &submitters) }
+            return .ended(waiters, submitters)
         case .assigned(let worker):
             if job.claimForDropping() {
                 drop(job, .cancelled, error: CancellationError(), into: &waiters)
-                return .ended(waiters)
+                return .ended(waiters, Resumptions())
             }
             guard job.claimForCancellingItsTask(), let task = worker.task else { return .none }
             worker.mustRetire = true

@@ -250,7 +250,8 @@ final class WorkerPoolStorage: Sendable {
                 jobs = batch
             case .runClaimed(let job):
                 job.recordedEnd = await job.run(observer: observer)
-                _ = job.markRan()  // if its handle is cancelling this task, the report retires us
+                // If its handle is cancelling this task, the report retires us.
+                if job.markRan() && job.isWaitedFor { publishNow(job) }
             case .park(let id, let idleTimeout):
                 let timer = idleTimeout.map { IdleTimerScope(deadline: .now + $0, storage: self, waiter: id) }
                 if let timer { DeadlineTimer.shared.arm(timer) }
@@ -274,7 +275,8 @@ final class WorkerPoolStorage: Sendable {
                 guard job.claimForRunning() else { continue }  // cancelled or rejected meanwhile
                 job.recordedEnd = await job.run(observer: observer)
                 // A cancellation is cancelling this worker's task: report, then retire.
-                if !job.markRan() { break }
+                guard job.markRan() else { break }
+                if job.isWaitedFor { publishNow(job) }
             }
         }
         // A job cancellation may still be cancelling this task: wait for it before the task
@@ -283,6 +285,11 @@ final class WorkerPoolStorage: Sendable {
             sched_yield()
         }
         state.withLock { $0.workerExited(worker) }?.resume()
+    }
+
+    /// Publishes the end of a job someone waits for, without waiting for the batch's report.
+    func publishNow(_ job: PoolJobBase) {
+        state.withLock { $0.ranJobWaitedFor(job) }.resumeAll()
     }
 
     func shutdown(immediate: Bool) {
@@ -296,8 +303,13 @@ final class WorkerPoolStorage: Sendable {
     /// The result of `job`, waiting until it has ended.
     nonisolated(nonsending)
     func result<Success: Sendable>(of job: PoolJob<Success>) async throws -> Result<Success, any Error> {
-        guard let id = state.withLock({ $0.resultRequested(job) }) else {
+        let id: WaiterID
+        switch state.withLock({ $0.resultRequested(job) }) {
+        case .ended(let others):
+            others.resumeAll()
             return job.publishedResult()
+        case .wait(let waiter):
+            id = waiter
         }
         let ended = await state.suspend { state, continuation in
             state.resultWaiterSuspended(job, id, continuation)
@@ -312,8 +324,9 @@ final class WorkerPoolStorage: Sendable {
         switch state.withLock({ $0.cancelRequested(job) }) {
         case .none:
             return
-        case .ended(let waiters):
+        case .ended(let waiters, let submitters):
             waiters.resumeAll()
+            submitters.resumeAll()
         case .cancelTask(let task, let worker):
             task.cancel()
             state.withLock { $0.jobCancelDelivered(worker) }

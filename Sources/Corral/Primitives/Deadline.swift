@@ -133,15 +133,21 @@ public func withDeadline<Success: Sendable>(
             throw error
         }
     }
+    // An inner scope never extends an enclosing one: a scope that cannot rely on the
+    // enclosing scope's timer arms its own, at the earlier of the two deadlines.
+    let effective = enclosing.map { Swift.min($0.deadline, deadline) } ?? deadline
+    guard ContinuousClock.now < effective else {
+        throw TimeoutError(deadline: effective)
+    }
     if Task.isCancelled {
         // Run the body in this (cancelled) task so it observes the cancellation from its
         // first instruction; no timer is needed.
-        return try await DeadlineContext.current.withValue(DeadlineScope(deadline: deadline)) {
+        return try await DeadlineContext.current.withValue(DeadlineScope(deadline: effective)) {
             try await body()
         }
     }
 
-    let scope = TaskDeadlineScope(deadline: deadline)
+    let scope = TaskDeadlineScope(deadline: effective)
     let entry = LedgerEntry(kind: "Deadline", name: "withDeadline")
     // The body starts synchronously, right here, in a task of its own. That task arms the
     // deadline before running the body, so that even a body that never suspends is

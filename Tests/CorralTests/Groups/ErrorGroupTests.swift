@@ -201,16 +201,19 @@ struct ErrorGroupTests {
 
     @Test(arguments: [nil, 2] as [Int?])
     func bodyError_cancelsRunningTasks_awaitsThem_andIsThrown(limit: Int?) async throws {
-        let finished = Gauge()
+        let started = Gauge(), finished = Gauge()
         await #expect(throws: TestError(id: 9)) {
             try await expectNoLeakedTasks {
                 try await withErrorGroup(limit: limit) { group in
                     for _ in 0..<2 {
                         try await group.addTask {
+                            started.add(1)
                             defer { finished.add(1) }
                             try await Task.sleep(for: .seconds(3600))
                         }
                     }
+                    // Both running (a task not started yet when the body throws never starts).
+                    await waitUntil("both tasks run") { started.current == 2 }
                     throw TestError(id: 9)
                 }
             }
@@ -300,6 +303,53 @@ struct ErrorGroupTests {
             }
         }
         #expect(seen.elements == Array(repeating: "r-1", count: 4))
+    }
+}
+
+@Suite("ErrorGroup: the first error")
+struct ErrorGroupFirstErrorTests {
+    @Test func aTaskHandedToAnIdleWorker_neverStarts_whenTheGroupIsCancelledBeforeTheWorkerResumes() async {
+        // `.cancelAll`: tasks not started when the first error comes never start — including
+        // one that addTask handed to an idle worker that has not resumed yet. Driven on the
+        // state machine, where the order of the steps is certain: this test's own task plays
+        // the parked worker.
+        var machine = ErrorGroupStateMachine(policy: .cancelAll, limit: 1)
+        guard case .startWorker = machine.addRequested(GroupJob(operation: {})) else {
+            Issue.record("the first task should start a worker")
+            return
+        }
+        guard case .park(let id) = machine.jobFinished() else {
+            Issue.record("the worker should park, idle")
+            return
+        }
+        var mayRun: Bool?
+        let outcome = await withUnsafeContinuation { (continuation: UnsafeContinuation<ErrorGroupStateMachine.WorkerOutcome, Never>) in
+            if let resumeNow = machine.workerSuspended(id, continuation) {
+                Issue.record("the worker should stay parked")
+                resumeNow.resume()
+                return
+            }
+            // addTask hands a task to the parked worker; the first error cancels the group
+            // before the worker resumes.
+            guard case .accepted(let woken?) = machine.addRequested(GroupJob(operation: {})) else {
+                Issue.record("the second task should be handed to the idle worker")
+                continuation.resume(returning: .finish)
+                return
+            }
+            guard case .cancelGroup = machine.taskFailed(TestError()) else {
+                Issue.record("the first error should cancel the group")
+                woken.resume()
+                return
+            }
+            mayRun = machine.workerMayRun()
+            woken.resume()
+        }
+        guard case .job = outcome else {
+            Issue.record("the worker should have been handed the task")
+            return
+        }
+        #expect(mayRun == false)  // the handed task is dropped
+        #expect(machine.workers == 0)  // and its worker exits
     }
 }
 

@@ -387,4 +387,67 @@ struct WorkerPoolTests {
             try await slow.value
         }
     }
+
+    @Test func aJobWaitingForAnEarlierJobOfItsBatch_getsItsResult() async throws {
+        // Both are queued before run(), so the lone worker takes them as one batch. Before,
+        // a job's end was published only with its whole batch: `b` waited for `a`, which
+        // was published after `b` — a deadlock (here: b's 5 s guard).
+        let pool = WorkerPool(.init(workers: .fixed(1), queueCapacity: 16))
+        let a = try pool.trySubmit { 1 }
+        let b = try pool.trySubmit { try await withTimeout(.seconds(5)) { try await a.value } + 1 }
+        try await withRunningPool(pool) { _ in
+            let value = try await b.value
+            #expect(value == 2)
+        }
+    }
+
+    @Test func aJobsResult_doesNotWaitForTheRestOfItsBatch() async throws {
+        // `b`, in the same batch as `a`, runs until the test has read `a`'s result.
+        let pool = WorkerPool(.init(workers: .fixed(1), queueCapacity: 16))
+        let gate = try await closedGate()
+        let a = try pool.trySubmit { 1 }
+        let b = try pool.trySubmit { try await withTimeout(.seconds(5)) { try await gate.acquire() } }
+        try await withRunningPool(pool) { _ in
+            #expect(try await a.value == 1)
+            gate.release()
+            try await b.value
+        }
+    }
+
+    @Test func aRetiringWorker_isReplacedForAParkedSubmitter_inARendezvousPool() async throws {
+        // Elastic, at most one worker, no queue: the worker's job is cancelled (so it
+        // retires) while a submitter waits to hand it a job. Before, no replacement started
+        // and the submitter waited for a submission that never came (here: its 5 s guard).
+        let pool = WorkerPool(.init(workers: .elastic(min: 0, max: 1, idleTimeout: .seconds(60)), queueCapacity: 0))
+        try await withRunningPool(pool) { pool in
+            let started = try await closedGate()
+            let long = try await pool.submit {
+                started.release()
+                try await Task.sleep(for: .seconds(3600))
+            }
+            try await started.acquire()  // the long job is running
+            async let second = withTimeout(.seconds(5)) { try await pool.submit { 42 } }
+            await waitUntil("the submitter parked") { pool.storage.state.withLock { $0.submitters.count } == 1 }
+            long.cancel()
+            #expect(try await (try await second).value == 42)
+        }
+    }
+
+    @Test func cancellingAQueuedJob_letsAParkedSubmitterIn() async throws {
+        // Queue of 1, no worker running yet: `queued` fills it, a second submitter parks.
+        // Cancelling `queued` frees the queue: the submitter gets in at once, before the pool
+        // even runs (before, it waited for a worker to take a batch).
+        let pool = WorkerPool(.init(workers: .fixed(1), queueCapacity: 1))
+        let queued = try pool.trySubmit { 1 }
+        let second = Task { try await pool.submit { 2 } }
+        await waitUntil("the submitter parked") { pool.storage.state.withLock { $0.submitters.count } == 1 }
+        queued.cancel()
+        await waitUntil("the submitter got in") {
+            pool.storage.state.withLock { $0.submitters.count == 0 && $0.queuedCount == 1 }
+        }
+        try await withRunningPool(pool) { _ in
+            let value = try await second.value.value
+            #expect(value == 2)
+        }
+    }
 }

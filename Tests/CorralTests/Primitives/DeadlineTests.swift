@@ -222,4 +222,39 @@ struct DeadlineTests {
         defer { watchdog.cancel() }
         await #expect(throws: TimeoutError.self) { try await task.value }
     }
+
+    @Test func aChildTasksLaterInnerDeadline_neverExtendsTheOuterOne() async throws {
+        let outer = ContinuousClock.now + .seconds(30)
+        try await withDeadline(outer) {
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                group.addTask {
+                    try await withTimeout(.seconds(600)) {
+                        #expect(Deadline.current! <= outer, "the inner scope extended the outer one")
+                    }
+                }
+                try await group.waitForAll()
+            }
+        }
+    }
+
+    @Test func aChildTasksLaterInnerDeadline_throwsTimeoutError_whenTheOuterOnePasses() async throws {
+        let gate = try await closedGate()
+        let seen = Log<String>()
+        await #expect(throws: TimeoutError.self) {
+            try await withTimeout(.milliseconds(50)) {
+                try await withThrowingTaskGroup(of: Void.self) { group in
+                    group.addTask {
+                        do {
+                            try await withTimeout(.seconds(600)) { try await gate.acquire() }
+                        } catch {
+                            seen.append(String(describing: type(of: error)))
+                            throw error
+                        }
+                    }
+                    try await group.waitForAll()
+                }
+            }
+        }
+        #expect(seen.elements == ["TimeoutError"])
+    }
 }
