@@ -100,4 +100,53 @@ struct WorkerPoolStressTests {
             #expect(stats.failed + stats.cancelled == endings.count { $0 == .failed || $0 == .cancelled }, "\(label)")
         }
     }
+
+    @Test func jobsAwaitingEarlierJobs_neverDeadlock_andSeeTheirResults() async throws {
+        // Each job may await the handle of an earlier job — of its own batch, another
+        // worker's, or one already done — while handles are cancelled at random. A job's
+        // end must be published as soon as it has run when someone waits for it; before,
+        // a job awaiting an earlier job of its own batch waited forever.
+        for round in 0..<stressIterations(default: 30) {
+            var generator = SystemRandomNumberGenerator()
+            let count = Int.random(in: 1...200, using: &generator)
+            let pool = WorkerPool(.init(
+                workers: .fixed(Int.random(in: 1...3, using: &generator)),
+                queueCapacity: Int.random(in: 1...64, using: &generator)))
+            let handles = Log<JobHandle<Int>>()
+            let wrong = Log<String>()
+            try await withTimeout(.seconds(30)) {  // a deadlock shows as a TimeoutError
+                try await withRunningPool(pool) { pool in
+                    for index in 0..<count {
+                        let awaited = index > 0 && Bool.random() ? Int.random(in: 0..<index) : nil
+                        let earlier = awaited.map { handles.elements[$0] }
+                        handles.append(try await pool.submit {
+                            if let earlier, let awaited {
+                                do {
+                                    let value = try await earlier.value
+                                    if value != awaited { wrong.append("job \(index) read \(value) from job \(awaited)") }
+                                } catch is CancellationError {
+                                    // that job was cancelled
+                                }
+                            }
+                            return index
+                        })
+                        if Int.random(in: 0..<10) == 0, let victim = handles.elements.randomElement() {
+                            victim.cancel()
+                        }
+                    }
+                    for (index, handle) in handles.elements.enumerated() {
+                        do {
+                            let value = try await handle.value
+                            if value != index { wrong.append("job \(index) returned \(value)") }
+                        } catch is CancellationError {
+                            // cancelled before or while it ran
+                        }
+                    }
+                }
+            }
+            #expect(wrong.elements.isEmpty, "round \(round): \(wrong.elements.prefix(3))")
+            let stats = pool.stats
+            #expect(stats.submitted == count && stats.completed + stats.cancelled == count, "round \(round): \(stats)")
+        }
+    }
 }
