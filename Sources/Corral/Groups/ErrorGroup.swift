@@ -221,15 +221,19 @@ final class ErrorGroupStorage: Sendable {
     /// cancel every other task (``ErrorGroupPolicy/cancelAll``).
     nonisolated(nonsending)
     func run(_ job: GroupJob) async throws {
+        // A task that has not started when the group (or the calling task) is cancelled never
+        // starts — a task of its own without a limit, or the next job of a worker.
+        if Task.isCancelled {
+            noteCancellation()
+            return
+        }
         do {
             try await job.operation()
         } catch {
             // A cancelled task's CancellationError is a consequence, not a failure; it still
             // makes the group throw CancellationError if nothing else went wrong.
             if error is CancellationError && Task.isCancelled {
-                if !cancellationSeen.load(ordering: .relaxed) {
-                    cancellationSeen.store(true, ordering: .relaxed)
-                }
+                noteCancellation()
                 return
             }
             switch state.withLock({ $0.taskFailed(error) }) {
@@ -278,6 +282,13 @@ final class ErrorGroupStorage: Sendable {
                     return
                 }
             }
+        }
+    }
+
+    /// A task was interrupted, or kept from starting, by cancellation.
+    private func noteCancellation() {
+        if !cancellationSeen.load(ordering: .relaxed) {
+            cancellationSeen.store(true, ordering: .relaxed)
         }
     }
 

@@ -308,6 +308,30 @@ struct ErrorGroupTests {
 
 @Suite("ErrorGroup: the first error")
 struct ErrorGroupFirstErrorTests {
+    @Test func aQueuedTask_neverStarts_onceTheCallingTaskIsCancelled() async throws {
+        // Limit 1: `a` runs, `b` waits in the queue. The calling task is cancelled; the body
+        // does not notice (it waits without a cancellable wait), so the group itself is not
+        // cancelled — only its worker's task is. `a` ends by cancellation; `b`, next in the
+        // worker's hands, must not start. The call throws CancellationError.
+        let aRunning = Gauge(), aEnded = Gauge(), bStarted = Gauge()
+        let gate = try await closedGate()
+        let caller = Task {
+            try await withErrorGroup(limit: 1) { group in
+                try await group.addTask {
+                    aRunning.add(1)
+                    defer { aEnded.add(1) }
+                    try await gate.acquire()
+                }
+                try await group.addTask { bStarted.add(1) }
+                await waitUntil("a ended") { aEnded.current == 1 }
+            }
+        }
+        await waitUntil("a runs") { aRunning.current == 1 }
+        caller.cancel()
+        await #expect(throws: CancellationError.self) { try await caller.value }
+        #expect(bStarted.current == 0)
+    }
+
     @Test func aTaskHandedToAnIdleWorker_neverStarts_whenTheGroupIsCancelledBeforeTheWorkerResumes() async {
         // `.cancelAll`: tasks not started when the first error comes never start — including
         // one that addTask handed to an idle worker that has not resumed yet. Driven on the
