@@ -107,22 +107,49 @@ public enum CorralDiagnostics {
     ) async {
         precondition(threshold >= .zero, "CorralDiagnostics.detectStalls(threshold:): threshold must not be negative, got \(threshold)")
         precondition(interval > .zero, "CorralDiagnostics.detectStalls(every:): the interval must be greater than 0, got \(interval)")
-        var reported: Set<String> = []
+        var reporter = StallReporter(threshold: threshold)
         while !Task.isCancelled {
-            var stalled: Set<String> = []
-            for structure in snapshot().structures {
-                guard let stalledFor = structure.stalledFor, stalledFor >= threshold else { continue }
-                let key = "\(structure.kind)/\(structure.name)/\(structure.id)"
-                stalled.insert(key)
-                if !reported.contains(key) { report(structure) }
+            for structure in reporter.newStalls(in: snapshot()) {
+                report(structure)
             }
-            reported = stalled
             do {
                 try await Task.sleep(for: interval)
             } catch {
                 return
             }
         }
+    }
+}
+
+/// Decides which stalls of successive snapshots are new: a structure stalled for at least
+/// `threshold` is reported once per stall.
+///
+/// A stall is new when the structure was not stalled (past the threshold) in the previous
+/// snapshot, or when its `stalledFor` went *down*: it made progress and stalled again in
+/// between. The second case matters because the stall clocks are shared by every caller of
+/// `snapshot()`: another caller may have seen the progress, so this one never sees the
+/// structure unstalled.
+struct StallReporter {
+    let threshold: Duration
+    /// The stalls reported (or still going on), by structure, with their last `stalledFor`.
+    private var stalls: [String: Duration] = [:]
+
+    init(threshold: Duration) {
+        self.threshold = threshold
+    }
+
+    mutating func newStalls(in snapshot: DiagnosticsSnapshot) -> [StructureSnapshot] {
+        var current: [String: Duration] = [:]
+        var new: [StructureSnapshot] = []
+        for structure in snapshot.structures {
+            guard let stalledFor = structure.stalledFor, stalledFor >= threshold else { continue }
+            let key = "\(structure.kind)/\(structure.name)/\(structure.id)"
+            current[key] = stalledFor
+            if let previous = stalls[key], previous <= stalledFor { continue }  // the same stall
+            new.append(structure)
+        }
+        stalls = current
+        return new
     }
 }
 

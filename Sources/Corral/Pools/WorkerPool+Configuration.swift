@@ -68,10 +68,15 @@ extension WorkerPool {
 
         /// How many workers run the jobs.
         public var workers: Workers
-        /// How many submitted jobs may wait for a worker. Once the queue is full,
+        /// How many submitted jobs may wait in the pool's queue. Once the queue is full,
         /// ``WorkerPool/submit(_:)`` suspends and ``WorkerPool/trySubmit(_:)`` throws
         /// ``PoolError`` until it has drained to half this capacity. 0 means a job is accepted
         /// only when a worker is free to take it.
+        ///
+        /// Workers take queued jobs in batches — each at most its share of the queue, and at
+        /// most 64 — so that short jobs cost one lock per batch rather than one per job. The
+        /// jobs a worker has taken and not started yet still wait (``WorkerPool/Stats/queued``
+        /// counts them), so at most about twice this capacity wait in all.
         public var queueCapacity: Int
         /// The pool's name, used in diagnostics (``PoolError``, leak reports).
         public var name: String
@@ -167,7 +172,8 @@ extension WorkerPool {
         public var busy = 0
         /// Workers waiting for a job.
         public var idle = 0
-        /// Jobs waiting for a worker.
+        /// Jobs waiting for a worker: in the queue, or taken by a worker in a batch and not
+        /// started yet.
         public var queued = 0
         /// Jobs accepted.
         public var submitted = 0

@@ -130,6 +130,27 @@ struct WorkerPoolStateMachine {
         stats.workers = workers.count
         stats.idle = idle.count
         stats.queued = queuedCount
+        // Jobs in workers' batches are published when the batch is reported, which may be
+        // many jobs later: count those that have run, and those still waiting, now, so that
+        // the counters (and diagnostics' progress, metrics) follow the jobs. The claim says
+        // which: `recordedEnd` is written before a job is marked ran.
+        for worker in workers.values where worker.holdsBatch {
+            for job in worker.batch where !job.isEnded {
+                switch job.claim.load(ordering: .acquiring) {
+                case PoolJobBase.Claim.unclaimed:
+                    stats.queued += 1
+                case PoolJobBase.Claim.ran:
+                    switch job.recordedEnd {
+                    case .completed: stats.completed += 1
+                    case .failed: stats.failed += 1
+                    case .cancelled: stats.cancelled += 1
+                    case .rejected: stats.rejected += 1
+                    }
+                default:
+                    break  // running, or ended without running (already counted)
+                }
+            }
+        }
         return stats
     }
 

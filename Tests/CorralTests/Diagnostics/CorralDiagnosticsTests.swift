@@ -104,4 +104,48 @@ struct CorralDiagnosticsTests {
         try await waiter.value
         semaphore.release()
     }
+
+    @Test func aPoolWhoseBatchedJobsFinish_showsProgress_andCountsWhatWaits() async throws {
+        // One worker takes the 4 queued jobs as one batch, whose ends are published when the
+        // batch is reported. Snapshots must follow the jobs anyway: two that finished are
+        // progress (not a stall), and the ones not started yet are waiting.
+        let pool = WorkerPool(.init(workers: .fixed(1), queueCapacity: 16, name: "diagnostics-batched"))
+        let gate = AsyncSemaphore(permits: 4)
+        try await gate.acquire(4)
+        let started = Gauge()
+        for _ in 0..<4 {
+            _ = try await pool.submit { started.add(1); try await gate.acquire() }
+        }
+        let run = Task { try await pool.run() }
+        await waitUntil("job 1 started") { started.current == 1 }
+        let first = try #require(CorralDiagnostics.snapshot().structures.first { $0.name == "diagnostics-batched" })
+        gate.release()
+        await waitUntil("job 2 started") { started.current == 2 }
+        gate.release()
+        await waitUntil("job 3 started") { started.current == 3 }
+        let second = try #require(CorralDiagnostics.snapshot().structures.first { $0.name == "diagnostics-batched" })
+        #expect(first.held == 3, "3 jobs wait for the worker")
+        #expect(pool.stats.completed == 2)
+        #expect(second.progress == 2)  // (its stall clock restarted then too; other tests' snapshots may have seen it first)
+        gate.release(2)
+        pool.shutdown()
+        try await run.value
+    }
+
+    @Test func stallReporter_reportsEachStallOnce_includingOneWhoseProgressAnotherCallerSaw() {
+        // Stall clocks are shared by every caller of snapshot(): a detector may never see the
+        // structure unstalled between two stalls, only its stalledFor going down.
+        var reporter = StallReporter(threshold: .seconds(1))
+        func snapshot(stalledFor: Duration?) -> DiagnosticsSnapshot {
+            DiagnosticsSnapshot(structures: [StructureSnapshot(
+                kind: "AsyncSemaphore", name: "quota", id: 1, tasks: nil, waiting: 1, held: nil,
+                progress: nil, stalledFor: stalledFor, details: [:])])
+        }
+        #expect(reporter.newStalls(in: snapshot(stalledFor: .milliseconds(500))).isEmpty)  // below the threshold
+        #expect(reporter.newStalls(in: snapshot(stalledFor: .seconds(2))).count == 1)  // a stall: reported
+        #expect(reporter.newStalls(in: snapshot(stalledFor: .seconds(3))).isEmpty)  // the same stall
+        #expect(reporter.newStalls(in: snapshot(stalledFor: .milliseconds(1_500))).count == 1)  // progress, then a new stall
+        #expect(reporter.newStalls(in: snapshot(stalledFor: nil)).isEmpty)  // progress
+        #expect(reporter.newStalls(in: snapshot(stalledFor: .seconds(1))).count == 1)  // stalled anew
+    }
 }

@@ -450,4 +450,21 @@ struct WorkerPoolTests {
             #expect(value == 2)
         }
     }
+
+    @Test func jobsTakenAheadByWorkers_countAsQueued_andStayWithinTwiceTheCapacity() async throws {
+        let pool = WorkerPool(.init(workers: .fixed(2), queueCapacity: 4, name: "bounded"))
+        let gate = AsyncSemaphore(permits: 100)
+        try await gate.acquire(100)
+        let started = Gauge()
+        for _ in 0..<4 { _ = try pool.trySubmit { started.add(1); try await gate.acquire() } }
+        try await withRunningPool(pool) { pool in
+            await waitUntil("both workers busy") { started.current == 2 }
+            var accepted = 4
+            while (try? pool.trySubmit { started.add(1); try await gate.acquire() }) != nil { accepted += 1 }
+            let waiting = accepted - started.current
+            #expect(pool.stats.queued == waiting, "every job waiting for a worker is counted")
+            #expect(waiting <= 2 * 4)
+            gate.release(accepted)
+        }
+    }
 }
