@@ -212,23 +212,34 @@ public final class CorralMetrics: Service, Sendable {
             // Structures that share a name share a metric: add their gauges up, and their
             // counters' increments.
             var gauges: [Key: (dimensions: [(String, String)], label: String, value: Double)] = [:]
-            var increments: [Key: (sample: Sample, delta: Double)] = [:]
+            // A counter's total per source first: one source may report several structures
+            // under one name (two stages of a pipeline that share a name).
+            var totals: [SourceKey: (sample: Sample, value: Double)] = [:]
             for (source, sample) in samples {
                 let key = Key(sample.label, sample.dimensions)
                 switch sample.kind {
                 case .gauge:
                     gauges[key, default: (sample.dimensions, sample.label, 0)].value += sample.value
                 case .counter, .floatingCounter:
-                    let sourceKey = SourceKey(source: source, key: key)
-                    let delta = sample.value - (state.published[sourceKey] ?? 0)
-                    state.published[sourceKey] = Swift.max(sample.value, state.published[sourceKey] ?? 0)
-                    increments[key, default: (sample, 0)].delta += Swift.max(0, delta)
+                    totals[SourceKey(source: source, key: key), default: (sample, 0)].value += sample.value
                 }
+            }
+            var increments: [Key: (sample: Sample, delta: Double)] = [:]
+            for (sourceKey, total) in totals {
+                let delta = total.value - (state.published[sourceKey] ?? 0)
+                state.published[sourceKey] = Swift.max(total.value, state.published[sourceKey] ?? 0)
+                increments[sourceKey.key, default: (total.sample, 0)].delta += Swift.max(0, delta)
             }
             for (key, gauge) in gauges {
                 let metric = state.gauges[key] ?? Gauge(label: gauge.label, dimensions: gauge.dimensions, factory: factory)
                 state.gauges[key] = metric
                 metric.record(gauge.value)
+            }
+            // A gauge no live structure reports any more (they were all deallocated) drops to
+            // 0 once, rather than showing their last value for ever.
+            for (key, metric) in state.gauges where gauges[key] == nil {
+                metric.record(0)
+                state.gauges[key] = nil
             }
             for (key, increment) in increments where increment.delta > 0 {
                 let sample = increment.sample

@@ -139,4 +139,62 @@ struct CorralMetricsTests {
         #expect(try backend.expectGauge("corral_semaphore_available_permits", [("semaphore", "quota")]).lastValue == 3)
         quota.release(1)
     }
+
+    /// A pool deallocated after a sample leaves its gauges at their last value for good.
+    @Test func aDeallocatedPool_doesNotLeaveItsGaugesBehind() async throws {
+        let backend = TestMetrics()
+        let metrics = CorralMetrics(factory: backend)
+        var pool: WorkerPool? = WorkerPool(.init(workers: .fixed(2), queueCapacity: 8, name: "gone"))
+        for job in 0..<3 { _ = try await pool!.submit { job } }  // queued: run() never starts
+        metrics.register(pool!)
+        metrics.publish()
+        #expect(try backend.expectGauge("corral_pool_queue_depth", [("pool", "gone")]).lastValue == 3)
+        pool = nil
+        metrics.publish()
+        #expect(try backend.expectGauge("corral_pool_queue_depth", [("pool", "gone")]).lastValue == 0,
+                "a pool that no longer exists still reports 3 queued jobs")
+    }
+
+    /// Two stages of one pipeline that share a name: their gauges add up, their counters do not.
+    @Test func pipelineStagesSharingAName_countersAddUp() async throws {
+        let backend = TestMetrics()
+        let metrics = CorralMetrics(factory: backend)
+        let pipeline = AsyncStream<Int> { continuation in
+            for value in 0..<10 { continuation.yield(value) }
+            continuation.finish()
+        }
+        .stage("step") { $0 }
+        .stage("step") { $0 }
+        metrics.register(pipeline: "twins", stages: { pipeline.pipelineStats })
+        for try await _ in pipeline {}
+        metrics.publish()
+        let step = [("pipeline", "twins"), ("stage", "step")]
+        #expect(backend.counterTotal(label: "corral_stage_elements_total", dimensions: step + [("event", "received")]) == 20,
+                "10 received by each of the two stages")
+    }
+
+    /// One worker takes the queued jobs as one batch: the completed counter does not move while
+    /// they finish.
+    @Test func completedCounter_followsTheJobs() async throws {
+        let backend = TestMetrics()
+        let metrics = CorralMetrics(factory: backend)
+        let pool = WorkerPool(.init(workers: .fixed(1), queueCapacity: 16, name: "batched"))
+        metrics.register(pool)
+        let gate = AsyncSemaphore(permits: 4)
+        try await gate.acquire(4)
+        let started = Gauge()
+        for _ in 0..<4 { _ = try await pool.submit { started.add(1); try await gate.acquire() } }
+        let run = Task { try await pool.run() }
+        await waitUntil("job 1 started") { started.current == 1 }
+        gate.release()
+        await waitUntil("job 2 started") { started.current == 2 }
+        gate.release()
+        await waitUntil("job 3 started") { started.current == 3 }
+        metrics.publish()
+        #expect(backend.counterTotal(label: "corral_pool_jobs_total", dimensions: [("pool", "batched"), ("outcome", "completed")]) == 2)
+        #expect(try backend.expectGauge("corral_pool_queue_depth", [("pool", "batched")]).lastValue == 1, "job 4 waits")
+        gate.release(2)
+        pool.shutdown()
+        try await run.value
+    }
 }

@@ -244,10 +244,17 @@ final class DiagnosticsRegistry: Sendable {
         var since: ContinuousClock.Instant
     }
 
+    /// One structure's stall watch: its entry, and its place among the entry's samples (two
+    /// stages of a pipeline may share a name).
+    private struct WatchKey: Hashable {
+        var entry: Int
+        var index: Int
+    }
+
     private struct State {
         var entries: [Entry] = []
         var nextID = 0
-        var watches: [String: StallWatch] = [:]
+        var watches: [WatchKey: StallWatch] = [:]
         /// When `entries` reaches this size, `add` drops the deallocated ones (so that a
         /// program creating many short-lived pools without taking snapshots stays flat).
         var purgeAt = 64
@@ -296,11 +303,12 @@ final class DiagnosticsRegistry: Sendable {
             let sampled = Set(entries.map(\.id))
             state.entries.removeAll { sampled.contains($0.id) && live[$0.id] == nil }
             var structures: [StructureSnapshot] = []
-            var watches: [String: StallWatch] = [:]
+            // Watches of entries this snapshot did not sample (added since the copy) stay.
+            var watches = state.watches.filter { !sampled.contains($0.key.entry) }
             for entry in entries {
                 guard let samples = live[entry.id] else { continue }
-                for (kind, name, sample) in samples {
-                    let key = "\(entry.id)/\(name)"
+                for (index, (kind, name, sample)) in samples.enumerated() {
+                    let key = WatchKey(entry: entry.id, index: index)
                     var stalledFor: Duration?
                     if sample.waiting > 0, let token = sample.stallToken {
                         if let watch = state.watches[key], watch.token == token {

@@ -148,4 +148,27 @@ struct CorralDiagnosticsTests {
         #expect(reporter.newStalls(in: snapshot(stalledFor: nil)).isEmpty)  // progress
         #expect(reporter.newStalls(in: snapshot(stalledFor: .seconds(1))).count == 1)  // stalled anew
     }
+
+    /// Two stages of one pipeline with the same name share one stall watch: both are blocked,
+    /// only one is ever seen stalled.
+    @Test func pipelineStagesWithTheSameName_areBothSeenStalled() async throws {
+        let first = AsyncSemaphore(permits: 1)
+        let second = AsyncSemaphore(permits: 1)
+        try await first.acquire()
+        try await second.acquire()
+        let pipeline = Counting(range: 0..<4)
+            .stage("step") { value in if value >= 1 { try await first.acquire() }; return value }
+            .stage("step") { value in try await second.acquire(); return value }
+        CorralDiagnostics.track(pipeline: "twin-stages", pipeline)
+        let consumer = Task { for try await _ in pipeline {} }
+        await waitUntil("both stages hold an element") {
+            pipeline.pipelineStats.allSatisfy { $0.inFlight > 0 } && first.waiters == 1 && second.waiters == 1
+        }
+        _ = CorralDiagnostics.snapshot()
+        let stages = CorralDiagnostics.snapshot().structures.filter { $0.name == "twin-stages/step" }
+        consumer.cancel()
+        _ = try? await consumer.value
+        #expect(stages.count == 2 && stages.allSatisfy { $0.waiting > 0 })
+        #expect(stages.filter { $0.stalledFor != nil }.count == 2, "both stages are blocked")
+    }
 }
