@@ -20,8 +20,10 @@ import Darwin
 /// ``attempt(_:line:_:)``, which keeps a record's last error until a later try succeeds.
 /// What is left at the end is the records left out, each with the error of its last try.
 /// A try cut short by the stage's teardown (the pipeline cancelled) is not a failure: the
-/// record was dropped, not left out, and the ledger forgets it. Failures outside a stage's
-/// tries (a failed write) are noted with ``record(_:line:error:)``.
+/// record was dropped, not left out, and the ledger forgets it. So is a failed try that
+/// still had a retry to come (`maxTries`) when the pipeline was torn down during its
+/// back-off: only a record's last try can leave it out. Failures outside a stage's tries (a
+/// failed write) are noted with ``record(_:line:error:)``.
 final class FailureLedger: Sendable {
     private struct Key: Hashable {
         var stage: String
@@ -31,13 +33,19 @@ final class FailureLedger: Sendable {
     private struct Failure {
         var tries: Int
         var reason: String
+        /// The stage will not try again: the record is left out (unless a retry is still to
+        /// come, which a teardown may prevent: then it was dropped).
+        var isFinal: Bool
     }
 
     private let failures = Mutex<[Key: Failure]>([:])
 
     /// Runs one try of `stage`'s work on the record at `line`, passing the try's number (1
-    /// for the first); a failure is noted, a success forgets the earlier failures.
-    func attempt<Value>(_ stage: String, line: Int, _ work: (_ attempt: Int) async throws -> Value) async throws -> Value {
+    /// for the first); a failure is noted, a success forgets the earlier failures. `maxTries`
+    /// is how many tries the stage's error policy makes before it leaves a record out.
+    func attempt<Value>(
+        _ stage: String, line: Int, maxTries: Int = 1, _ work: (_ attempt: Int) async throws -> Value
+    ) async throws -> Value {
         let key = Key(stage: stage, line: line)
         let attempt = (failures.withLock { $0[key]?.tries } ?? 0) + 1
         do {
@@ -49,7 +57,8 @@ final class FailureLedger: Sendable {
                 // Torn down (as the stage's own policy sees it): dropped, not failed.
                 _ = failures.withLock { $0.removeValue(forKey: key) }
             } else {
-                let failure = Failure(tries: attempt, reason: Self.reason(for: error, tries: attempt))
+                let failure = Failure(
+                    tries: attempt, reason: Self.reason(for: error, tries: attempt), isFinal: attempt >= maxTries)
                 failures.withLock { $0[key] = failure }
             }
             throw error
@@ -58,7 +67,7 @@ final class FailureLedger: Sendable {
 
     /// Notes that the record at `line` failed in `stage` with `error`, for good.
     func record(_ stage: String, line: Int, error: any Error) {
-        let failure = Failure(tries: 1, reason: Self.reason(for: error, tries: 1))
+        let failure = Failure(tries: 1, reason: Self.reason(for: error, tries: 1), isFinal: true)
         failures.withLock { $0[Key(stage: stage, line: line)] = failure }
     }
 
@@ -66,7 +75,9 @@ final class FailureLedger: Sendable {
     func leftOut(_ stage: String) -> [String: Int] {
         failures.withLock { failures in
             var reasons: [String: Int] = [:]
-            for (key, failure) in failures where key.stage == stage { reasons[failure.reason, default: 0] += 1 }
+            for (key, failure) in failures where key.stage == stage && failure.isFinal {
+                reasons[failure.reason, default: 0] += 1
+            }
             return reasons
         }
     }

@@ -107,7 +107,7 @@ struct PipelineScenario: AsyncParsableCommand {
             "enrich", concurrency: concurrency, buffer: max(64, 4 * concurrency), ordered: ordered,
             onError: .retry(attempts: Self.enrichAttempts, backoff: .milliseconds(2), then: .skip)
         ) { record in
-            try await ledger.attempt("enrich", line: record.line) { attempt in
+            try await ledger.attempt("enrich", line: record.line, maxTries: Self.enrichAttempts) { attempt in
                 let customer = try await withTimeout(timeout) {
                     try await downstream.lookUp(record.customer, line: record.line, attempt: attempt)
                 }

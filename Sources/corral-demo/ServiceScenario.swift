@@ -286,7 +286,7 @@ final class JobService: Sendable {
             "enrich", concurrency: concurrency, buffer: 4 * concurrency, ordered: false,
             onError: .retry(attempts: Self.attempts, backoff: Self.backoff, then: .skip)
         ) { job in
-            try await ledger.attempt("enrich", line: job.id) { attempt in
+            try await ledger.attempt("enrich", line: job.id, maxTries: Self.attempts) { attempt in
                 try await enricher.enrich(job, attempt: attempt)
             }
         }
@@ -368,7 +368,17 @@ final class JobService: Sendable {
     ) async throws -> BatchTicket<Int> {
         try await ledger.attempt("pool", line: job.id) { _ in
             try await Task.sleep(for: signingTime)
-            return try batcher.enqueue(job.map(signed))
+            do {
+                return try batcher.enqueue(job.map(signed))
+            } catch let error as BatcherError {
+                // The batcher shuts down after the pool has drained, so a running job finds it
+                // shut down only when the drain deadline passed: the group then cancels every
+                // service at once, and the pool's cancellation of this job may come a moment
+                // after the batcher's shutdown. Wait for it (a bounded wait: if it never
+                // comes, the error stands) so that the job counts as stopped, not failed.
+                try await Task.sleep(for: .seconds(5))
+                throw error
+            }
         }
     }
 
