@@ -263,7 +263,10 @@ public final class CorralMetrics: Service, Sendable {
     ///
     /// List it *first* in a `ServiceGroup`: the group shuts its services down in reverse
     /// order, so its last publication then comes after the other services have drained, and
-    /// carries their final counts.
+    /// carries their final counts. When the group's shutdown deadline passes, though, the
+    /// group cancels every service at once, and this last publication may come before the
+    /// others have counted the jobs they stopped: call ``publish()`` once more after the
+    /// group's `run()` returns.
     public func run() async throws {
         while true {
             publish()

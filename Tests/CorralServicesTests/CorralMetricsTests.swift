@@ -1,6 +1,7 @@
 import Corral
 import CorralServices
 import MetricsTestKit
+import ServiceLifecycle
 import ServiceLifecycleTestKit
 import Testing
 
@@ -196,5 +197,35 @@ struct CorralMetricsTests {
         gate.release(2)
         pool.shutdown()
         try await run.value
+    }
+
+    /// The group's deadline escalates: every service is cancelled at once, so the metrics
+    /// service's own last publication may come before the pool has counted the job it
+    /// stopped. One more publish() after the group returns, as documented, carries it.
+    @Test func afterAnEscalation_aPublishAfterTheGroupCarriesTheFinalCounts() async throws {
+        let backend = TestMetrics()
+        let metrics = CorralMetrics(interval: .seconds(3600), factory: backend)
+        let (logger, _) = capturingLogger()
+        let pool = WorkerPool(.init(workers: .fixed(1), queueCapacity: 4, name: "escalated"))
+        metrics.register(pool)
+        let gate = try await closedGate()
+        let started = Gauge()
+        let stuck = try await pool.submit { started.add(1); try await gate.acquire() }
+        var configuration = ServiceGroupConfiguration(
+            services: [.init(service: metrics), .init(service: pool.service(drainTimeout: .seconds(3600), logger: logger))],
+            logger: logger)
+        configuration.maximumGracefulShutdownDuration = .milliseconds(10)
+        let group = ServiceGroup(configuration: configuration)
+        try? await withThrowingTaskGroup(of: Void.self) { tasks in
+            tasks.addTask { try await group.run() }
+            await waitUntil("the job started") { started.current == 1 }
+            await group.triggerGracefulShutdown()
+            try await tasks.waitForAll()
+        }
+        _ = try? await stuck.value
+        metrics.publish()
+        #expect(pool.stats.cancelled == 1)
+        #expect(backend.counterTotal(label: "corral_pool_jobs_total", dimensions: [("pool", "escalated"), ("outcome", "cancelled")]) == 1,
+                "the final count never reached the backend")
     }
 }
