@@ -222,11 +222,15 @@ struct ErrorGroupTests {
     }
 
     @Test func collectAll_bodyErrorAndTaskErrors_areAllReported() async throws {
+        let failed = Gauge()
         let failure = await #expect(throws: ErrorGroupFailure.self) {
             try await withErrorGroup(onError: .collectAll) { group in
-                try await group.addTask { throw TestError(id: 1) }
-                await waitUntil { true }
-                try await Task.sleep(for: .milliseconds(1))
+                try await group.addTask {
+                    defer { failed.add(1) }
+                    throw TestError(id: 1)
+                }
+                // The task has run (a task not started when the body throws never starts).
+                await waitUntil("the task failed") { failed.current == 1 }
                 throw TestError(id: 2)
             }
         }
