@@ -75,8 +75,8 @@ extension WorkerPool {
         ///
         /// Workers take queued jobs in batches — each at most its share of the queue, and at
         /// most 64 — so that short jobs cost one lock per batch rather than one per job. The
-        /// jobs a worker has taken and not started yet still wait (``WorkerPool/Stats/queued``
-        /// counts them), so at most about twice this capacity wait in all.
+        /// jobs a worker has taken and not started yet still wait: they count against this
+        /// capacity (and in ``WorkerPool/Stats/queued``), so what waits never exceeds it.
         public var queueCapacity: Int
         /// The pool's name, used in diagnostics (``PoolError``, leak reports).
         public var name: String

@@ -96,6 +96,9 @@ struct WorkerPoolStateMachine {
     private(set) var queue = Deque<PoolJobBase>()
     /// Jobs in `queue` that have not ended (tombstones excluded).
     private(set) var queuedCount = 0
+    /// Jobs in workers' batches beyond the one each works on (the sum of `batch.count - 1`):
+    /// jobs taken ahead, which still wait — or have run, until the batch is reported.
+    private var heldAhead = 0
     private(set) var idle = WaiterQueue<PoolWorker, WorkerOutcome>()
     private(set) var submitters = WaiterQueue<PoolJobBase, SubmitOutcome>()
     /// Started workers that have not exited, for an immediate shutdown to reach their batches.
@@ -123,6 +126,15 @@ struct WorkerPoolStateMachine {
         self.maximumWorkers = workers.maximum
         self.idleTimeout = workers.idleTimeout
         self.queueCapacity = queueCapacity
+    }
+
+    /// The jobs that may be waiting for a worker, for the queue's capacity: those queued and
+    /// those taken ahead in batches. An upper bound (a batch's jobs that have run count until
+    /// it is reported), so that what waits never exceeds the capacity.
+    var waitingCount: Int { queuedCount + heldAhead }
+
+    private mutating func batchChanged(_ worker: PoolWorker, from oldCount: Int) {
+        heldAhead += Swift.max(0, worker.batch.count - 1) - Swift.max(0, oldCount - 1)
     }
 
     var snapshot: WorkerPool.Stats {
@@ -173,7 +185,7 @@ struct WorkerPoolStateMachine {
             return .accepted(worker.resumption, nil)
         }
         // FIFO: while submitters wait for room, newcomers wait behind them.
-        if queuedCount < queueCapacity && submitters.isEmpty {
+        if waitingCount < queueCapacity && submitters.isEmpty {
             stats.submitted += 1
             enqueue(job)
             return .accepted(nil, startWorkerIfUseful())
@@ -198,12 +210,14 @@ struct WorkerPoolStateMachine {
         job.placement = .queued
         queue.append(job)
         queuedCount += 1
-        stats.peakQueued = max(stats.peakQueued, queuedCount)
+        stats.peakQueued = max(stats.peakQueued, waitingCount)
     }
 
     private mutating func assign(_ jobs: [PoolJobBase], to worker: PoolWorker) {
         for job in jobs { job.placement = .assigned(worker) }
+        let oldCount = worker.batch.count
         worker.batch = jobs
+        batchChanged(worker, from: oldCount)
         worker.holdsBatch = true
         stats.busy += 1
         stats.peakBusy = max(stats.peakBusy, stats.busy)
@@ -211,7 +225,7 @@ struct WorkerPoolStateMachine {
 
     /// Moves waiting submitters' jobs into the queue while there is room, first come first.
     private mutating func admitSubmitters(into resumptions: inout Resumptions<SubmitOutcome>) {
-        while queuedCount < queueCapacity, let submitter = submitters.settleFirst(with: .accepted) {
+        while waitingCount < queueCapacity, let submitter = submitters.settleFirst(with: .accepted) {
             stats.submitted += 1
             enqueue(submitter.payload)
             resumptions.append(submitter.resumption)
@@ -307,7 +321,7 @@ struct WorkerPoolStateMachine {
                 batch.append(job)
             }
             if !batch.isEmpty {
-                if queuedCount <= lowWatermark {
+                if waitingCount <= lowWatermark {
                     admitSubmitters(into: &resumptions.submitters)
                 }
                 assign(batch, to: worker)
@@ -343,7 +357,9 @@ struct WorkerPoolStateMachine {
             guard let index = other.batch.lastIndex(where: { $0.claim.load(ordering: .relaxed) == PoolJobBase.Claim.unclaimed }) else { continue }
             let job = other.batch[index]
             guard job.claimForRunning() else { continue }  // its worker started it just now
+            let oldCount = other.batch.count
             other.batch.remove(at: index)
+            batchChanged(other, from: oldCount)
             return job
         }
         return nil
@@ -376,7 +392,9 @@ struct WorkerPoolStateMachine {
             }
             if let woken = wakeIdleWorker() { resumptions.workers.append(woken) }
         }
+        let oldCount = worker.batch.count
         swap(&worker.batch, &resumptions.released)
+        batchChanged(worker, from: oldCount)
     }
 
     mutating func workerSuspended(_ id: WaiterID, _ continuation: UnsafeContinuation<WorkerOutcome, Never>) -> Resumption<WorkerOutcome>? {
@@ -538,7 +556,7 @@ struct WorkerPoolStateMachine {
             drop(job, .cancelled, error: CancellationError(), into: &waiters)
             // Its place in the queue is free: submitters waiting for room may come in.
             var submitters = Resumptions<SubmitOutcome>()
-            if queuedCount <= lowWatermark { admitSubmitters(into: &submitters) }
+            if waitingCount <= lowWatermark { admitSubmitters(into: &submitters) }
             return .ended(waiters, submitters)
         case .assigned(let worker):
             if job.claimForDropping() {

@@ -451,7 +451,9 @@ struct WorkerPoolTests {
         }
     }
 
-    @Test func jobsTakenAheadByWorkers_countAsQueued_andStayWithinTwiceTheCapacity() async throws {
+    @Test func jobsTakenAheadByWorkers_countAsQueued_andStayWithinTheCapacity() async throws {
+        // Workers take queued jobs in batches; those not started yet still wait, and count
+        // against the queue's capacity (before, the queue took more as soon as a batch left).
         let pool = WorkerPool(.init(workers: .fixed(2), queueCapacity: 4, name: "bounded"))
         let gate = AsyncSemaphore(permits: 100)
         try await gate.acquire(100)
@@ -463,7 +465,7 @@ struct WorkerPoolTests {
             while (try? pool.trySubmit { started.add(1); try await gate.acquire() }) != nil { accepted += 1 }
             let waiting = accepted - started.current
             #expect(pool.stats.queued == waiting, "every job waiting for a worker is counted")
-            #expect(waiting <= 2 * 4)
+            #expect(waiting <= 4, "\(waiting) jobs wait, for a queue of 4")
             gate.release(accepted)
         }
     }
