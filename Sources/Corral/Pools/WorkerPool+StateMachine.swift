@@ -38,6 +38,10 @@ import DequeModule
 ///
 /// Accounting: a job accepted (`submitted`) ends exactly once, as completed, failed,
 /// cancelled or rejected, when its end is published here.
+///
+/// Capacity: "room in the queue" means `waitingCount < queueCapacity`, where `waitingCount`
+/// counts the queued jobs and those taken ahead in workers' batches (`heldAhead`), so that
+/// batching never lets more jobs wait than the capacity.
 struct WorkerPoolStateMachine {
     enum Lifecycle: Equatable {
         case accepting
