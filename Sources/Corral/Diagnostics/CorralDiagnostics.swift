@@ -71,10 +71,16 @@ public enum CorralDiagnostics {
     public static func track<Base, Output>(pipeline: String, _ last: PipelineStage<Base, Output>) {
         let stages = last.pipelineCounters.map { WeakReference($0) }  // weakly: tracking keeps nothing alive
         DiagnosticsRegistry.shared.add(last.counters) { _ in
-            stages.compactMap { $0.object?.snapshot }.map { stage in
+            // Stages that share a name are told apart by a suffix (`step`, `step#2`): one
+            // row, and one stall report, per stage.
+            var seen: [String: Int] = [:]
+            return stages.compactMap { $0.object?.snapshot }.map { stage in
                 let finished = stage.emitted + stage.skipped
+                seen[stage.name, default: 0] += 1
+                let occurrence = seen[stage.name]!
+                let name = occurrence == 1 ? stage.name : "\(stage.name)#\(occurrence)"
                 return (
-                    kind: "PipelineStage", name: "\(pipeline)/\(stage.name)",
+                    kind: "PipelineStage", name: "\(pipeline)/\(name)",
                     sample: StructureSample(
                         tasks: nil, waiting: stage.inFlight, held: stage.inFlight, progress: finished,
                         stallToken: finished,
@@ -141,9 +147,13 @@ struct StallReporter {
     mutating func newStalls(in snapshot: DiagnosticsSnapshot) -> [StructureSnapshot] {
         var current: [String: Duration] = [:]
         var new: [StructureSnapshot] = []
+        var seen: [String: Int] = [:]
         for structure in snapshot.structures {
+            // (Structures that share kind, name and id are told apart by their order.)
+            let base = "\(structure.kind)/\(structure.name)/\(structure.id)"
+            seen[base, default: 0] += 1
             guard let stalledFor = structure.stalledFor, stalledFor >= threshold else { continue }
-            let key = "\(structure.kind)/\(structure.name)/\(structure.id)"
+            let key = "\(base)#\(seen[base]!)"
             current[key] = stalledFor
             if let previous = stalls[key], previous <= stalledFor { continue }  // the same stall
             new.append(structure)

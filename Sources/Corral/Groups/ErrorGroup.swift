@@ -41,7 +41,7 @@ import Synchronization
 /// ## Cancellation
 /// Cancelling the calling task cancels every running task of the group, and `addTask` (even
 /// one that is suspended) throws `CancellationError`, as does every later call; `tryAddTask`
-/// returns `false`. Tasks already queued still start, cancelled. `body` itself runs in the
+/// returns `false`. Tasks added and not started yet never start. `body` itself runs in the
 /// calling task, on the caller's actor: the first error of a task does not interrupt what
 /// `body` is awaiting, but its next `addTask` throws. The call throws `CancellationError` if
 /// cancellation interrupted a task or the body and nothing else failed; otherwise it returns

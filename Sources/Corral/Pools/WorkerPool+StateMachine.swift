@@ -26,6 +26,7 @@ import DequeModule
 /// |                          | shut down                                   | `w` exits, and so do the idle workers |
 /// |                          | otherwise                                   | `w` parks (elastic, above `min`: with an idle timer) |
 /// | `idleTimerFired(w)`      | `w` still idle, more than `min` live, nothing queued | `w` exits |
+/// |                          | `w` still idle, jobs queued                 | `w` takes the first (it is needed) |
 /// | `resultRequested(j)`     | ended                                       | read the result |
 /// |                          | it ran, its worker has not reported it      | publish its end now (see `resultRequested`) |
 /// |                          | otherwise                                   | flag it waited-for; the waiter parks on it |
@@ -310,6 +311,11 @@ struct WorkerPoolStateMachine {
     mutating func workerReady(_ worker: PoolWorker, into resumptions: inout ReadyResumptions) -> WorkerAction {
         if worker.holdsBatch {
             report(worker, into: &resumptions)
+            // The report freed room (jobs taken ahead that have run): with nothing queued no
+            // batch take below will let parked submitters in, so do it here.
+            if queuedCount == 0, waitingCount <= lowWatermark, lifecycle == .accepting {
+                admitSubmitters(into: &resumptions.submitters)
+            }
             if worker.mustRetire {
                 // A job's cancellation cancelled this worker's task for good.
                 return retire(replace: true, into: &resumptions)
@@ -325,10 +331,10 @@ struct WorkerPoolStateMachine {
                 batch.append(job)
             }
             if !batch.isEmpty {
+                assign(batch, to: worker)  // first: the batch's jobs still wait, and count
                 if waitingCount <= lowWatermark {
                     admitSubmitters(into: &resumptions.submitters)
                 }
-                assign(batch, to: worker)
                 return .run(batch)
             }
         }
@@ -429,9 +435,19 @@ struct WorkerPoolStateMachine {
 
     /// An idle worker's timer fired: it exits if it is still idle and the pool is above `min`.
     mutating func idleTimerFired(_ id: WaiterID) -> Resumption<WorkerOutcome>? {
-        // Jobs are queued (a wake-up is on its way to another idle worker, which will wake
-        // the next): this worker is about to be needed, so it stays.
-        guard liveWorkers > minimumWorkers, queuedCount == 0, let left = idle.settle(id, with: .exit) else { return nil }
+        guard liveWorkers > minimumWorkers else { return nil }
+        while let first = queue.first, first.isEnded { queue.removeFirst() }  // tombstones
+        if let job = queue.first {
+            // Jobs are queued (a wake-up is on its way to another idle worker): this worker
+            // is needed, not surplus. It takes the first job, and parks again with a new
+            // timer once idle (returning nil here would leave it idle with no timer at all).
+            guard let woken = idle.settle(id, with: .batch([job])) else { return nil }
+            queue.removeFirst()
+            queuedCount -= 1
+            assign([job], to: woken.payload)
+            return woken.resumption
+        }
+        guard let left = idle.settle(id, with: .exit) else { return nil }
         liveWorkers -= 1
         return left.resumption
     }

@@ -165,10 +165,24 @@ struct CorralDiagnosticsTests {
             pipeline.pipelineStats.allSatisfy { $0.inFlight > 0 } && first.waiters == 1 && second.waiters == 1
         }
         _ = CorralDiagnostics.snapshot()
-        let stages = CorralDiagnostics.snapshot().structures.filter { $0.name == "twin-stages/step" }
+        let stages = CorralDiagnostics.snapshot().structures.filter { $0.name.hasPrefix("twin-stages/step") }
         consumer.cancel()
         _ = try? await consumer.value
+        #expect(stages.map(\.name) == ["twin-stages/step", "twin-stages/step#2"])  // told apart
         #expect(stages.count == 2 && stages.allSatisfy { $0.waiting > 0 })
         #expect(stages.filter { $0.stalledFor != nil }.count == 2, "both stages are blocked")
+    }
+
+    /// Two structures that share kind, name and id (same-named stages) are two stalls.
+    @Test func stallReporter_twinStages_eachStallReportedOnce() {
+        var reporter = StallReporter(threshold: .seconds(1))
+        func snapshot(_ a: Duration, _ b: Duration) -> DiagnosticsSnapshot {
+            DiagnosticsSnapshot(structures: [a, b].map {
+                StructureSnapshot(kind: "Stage", name: "twin/step", id: 7, tasks: nil, waiting: 1, held: nil,
+                                  progress: nil, stalledFor: $0, details: [:])
+            })
+        }
+        #expect(reporter.newStalls(in: snapshot(.seconds(2), .seconds(10))).count == 2)
+        #expect(reporter.newStalls(in: snapshot(.seconds(3), .seconds(11))).isEmpty, "the same two stalls")
     }
 }

@@ -469,4 +469,62 @@ struct WorkerPoolTests {
             gate.release(accepted)
         }
     }
+
+    /// Parked submitters let in as a worker takes a batch: the batch's jobs still wait, and
+    /// count against the capacity (they were let in before the batch was counted).
+    @Test func parkedSubmittersLetInWhenABatchIsTaken_stayWithinTheCapacity() async throws {
+        let pool = WorkerPool(.init(workers: .fixed(1), queueCapacity: 4, name: "overshoot"))
+        let gate = AsyncSemaphore(permits: 8)
+        try await gate.acquire(8)
+        let started = Gauge()
+        for _ in 0..<4 { _ = try pool.trySubmit { started.add(1); try await gate.acquire() } }
+        let parked = (0..<4).map { _ in
+            Task { try await pool.submit { started.add(1); try await gate.acquire() } }
+        }
+        await waitUntil("4 submitters parked") { pool.storage.state.withLock { $0.submitters.count } == 4 }
+        try await withRunningPool(pool) { pool in
+            await waitUntil("the worker took its batch and started its first job") { started.current == 1 }
+            let accepted = 8 - pool.storage.state.withLock { $0.submitters.count }
+            let waiting = accepted - started.current
+            #expect(pool.stats.queued == waiting)
+            #expect(waiting <= 4, "\(waiting) jobs wait, for a queue of 4")
+            gate.release(8)
+            for task in parked { try await task.value.value }
+        }
+    }
+
+    /// Driven on the state machine: jobs taken ahead keep the last pop from letting parked
+    /// submitters in, the queue empties, and a later report frees room. The submitters must
+    /// then come in (before, they were handed over one per worker cycle, like a rendezvous).
+    @Test func parkedSubmitters_areLetInOnceThereIsRoom() {
+        var machine = WorkerPoolStateMachine(name: "stranded", workers: .fixed(3), queueCapacity: 60)
+        func job() -> PoolJobBase { PoolJob<Void>(observed: false) {} }
+        for _ in 0..<60 {
+            guard case .accepted = machine.submitRequested(job(), mayWait: true) else { Issue.record("queue"); return }
+        }
+        for _ in 0..<20 {
+            guard case .suspend = machine.submitRequested(job(), mayWait: true) else { Issue.record("park"); return }
+        }
+        #expect(machine.runStarted() == 3)
+        let workers = (0..<3).map { _ in PoolWorker() }
+        for worker in workers { machine.workerStarted(worker, task: nil) }
+        func take(_ worker: PoolWorker) -> [PoolJobBase] {
+            var resumptions = ReadyResumptions()
+            if case .run(let batch) = machine.workerReady(worker, into: &resumptions) { return batch }
+            return []
+        }
+        func runAll(_ batch: [PoolJobBase]) { for j in batch { _ = j.claimForRunning(); _ = j.markRan() } }
+        let first = take(workers[0])   // 20 jobs; its first one runs long
+        let second = take(workers[1])  // 13 jobs; its first one runs long
+        _ = first[0].claimForRunning()
+        _ = second[0].claimForRunning()
+        while machine.queuedCount > 0 { runAll(take(workers[2])) }  // the third drains the queue
+        // The first worker's long job ends; it runs the rest of its batch and reports it.
+        _ = first[0].markRan()
+        runAll(Array(first.dropFirst()))
+        _ = take(workers[0])
+        // Room below the low watermark, the queue empty: nobody should still be parked.
+        let stranded = machine.submitters.count > 0 && machine.waitingCount <= machine.lowWatermark
+        #expect(!stranded, "\(machine.submitters.count) submitters parked while \(machine.waitingCount) of 60 wait")
+    }
 }
