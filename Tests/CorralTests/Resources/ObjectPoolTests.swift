@@ -83,10 +83,13 @@ struct ObjectPoolTests {
             let id: Int
             init(id: Int) { self.id = id }
         }
-        let nextID = Gauge()
+        let lastID = LockedState(0)
         let pool = ObjectPool(capacity: 8) {
-            nextID.add(1)
-            return Token(id: nextID.current)
+            // One step: two makes at once must not read the same count (a false "overlap").
+            Token(id: lastID.withLock { id in
+                id += 1
+                return id
+            })
         }
         let holders = Log<Int>()
         let overlaps = Gauge()
