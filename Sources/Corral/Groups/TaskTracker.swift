@@ -163,6 +163,9 @@ public final class TaskTracker: Sendable {
 
     private func start(_ job: TrackedJob, id: UInt64, priority: TaskPriority?) {
         let entry = LedgerEntry(kind: "TaskTracker", name: name)
+        // Only when the spawner runs under a deadline: binding a task-local keeps an extra
+        // frame alive for the task's whole life (~1 KB a parked task, tasks.idle_memory).
+        let dropsDeadline = DeadlineContext.scope != nil
         let task = Task(priority: priority) { [self] in
             defer {
                 let (admitted, waiters) = state.withLock { $0.taskFinished(id) }
@@ -171,9 +174,9 @@ public final class TaskTracker: Sendable {
                 waiters.resumeAll()
             }
             do {
-                // Not under the spawner's deadline: a tracked task outlives it, and the
-                // deadline's timer would never cancel this task anyway.
-                try await DeadlineContext.current.withValue(nil) {
+                if dropsDeadline {
+                    try await job.runWithoutDeadline()
+                } else {
                     try await job.operation()
                 }
             } catch {
@@ -196,4 +199,14 @@ struct TrackedJob: @unchecked Sendable {
     // @unchecked Sendable: the closure was passed as `sending` (its region handed over) and
     // is called once, by the one task created for it.
     let operation: @isolated(any) () async throws -> Void
+
+    /// Runs the operation outside the spawner's deadline: a tracked task outlives it, and the
+    /// deadline's timer would never cancel this task anyway. A function of its own, so that
+    /// its frames (the task-local binding's) exist only in the tasks that need them.
+    @inline(never)
+    func runWithoutDeadline() async throws {
+        try await DeadlineContext.current.withValue(nil) {
+            try await operation()
+        }
+    }
 }

@@ -22,8 +22,13 @@ final class StreamTasks: Sendable {
         // inherit the consumer's stage counters (when the consumer is a stage's lone worker)
         // and count its own waits as that stage's. (The tracker also drops the consumer's
         // deadline, which never cancels these tasks.)
-        let started = tracker.trySpawn {
-            await StreamDownstream.stageCounters.withValue(nil) { await operation() }
+        let started: Bool
+        if StreamDownstream.stageCounters.get() != nil {
+            started = tracker.trySpawn {
+                await StreamDownstream.stageCounters.withValue(nil) { await operation() }
+            }
+        } else {
+            started = tracker.trySpawn(operation)  // nothing to drop: no extra frame
         }
         guard started else {
             // A producer that already started may have failed the stream (closing the
