@@ -22,6 +22,16 @@ public protocol DrainableStructure: Sendable {
 
 extension DrainableStructure {
     public func stopImmediately() {}
+
+    /// This structure as a `Service`; see ``CorralService``.
+    ///
+    /// - Parameters:
+    ///   - drainTimeout: How long a graceful shutdown may drain before it escalates to an
+    ///     immediate stop.
+    ///   - logger: Where the service logs its escalation and final accounting.
+    public func service(drainTimeout: Duration = .seconds(30), logger: Logger) -> CorralService<Self> {
+        CorralService(self, drainTimeout: drainTimeout, logger: logger)
+    }
 }
 
 /// Runs a Corral structure as a swift-service-lifecycle `Service`: in a `ServiceGroup`, a
@@ -179,11 +189,6 @@ extension WorkerPool: DrainableStructure {
             "corral.peak.queued": "\(stats.peakQueued)",
         ]
     }
-
-    /// This pool as a `Service`; see ``CorralService``.
-    public func service(drainTimeout: Duration = .seconds(30), logger: Logger) -> CorralService<WorkerPool> {
-        CorralService(self, drainTimeout: drainTimeout, logger: logger)
-    }
 }
 
 extension Batcher: DrainableStructure {
@@ -207,10 +212,5 @@ extension Batcher: DrainableStructure {
             "corral.batches.byDelay": "\(stats.flushedByDelay)",
             "corral.batches.byShutdown": "\(stats.flushedByShutdown)",
         ]
-    }
-
-    /// This batcher as a `Service`; see ``CorralService``.
-    public func service(drainTimeout: Duration = .seconds(30), logger: Logger) -> CorralService<Batcher> {
-        CorralService(self, drainTimeout: drainTimeout, logger: logger)
     }
 }
