@@ -1,57 +1,72 @@
 import DequeModule
+import Synchronization
 
-/// The state of one iteration of `map(concurrency:ordered:buffer:_:)`: one feeder task pulls
-/// the source into `input`, `concurrency` worker tasks transform from `input` into `output`,
-/// and the consumer (the iterator's `next()`) takes `output` in one swap. With
-/// `concurrency == 1` a lone worker pulls, transforms and appends to `output` itself (no
-/// feeder, no `input`): half the tasks and hand-offs of a pipeline stage.
+/// The state of one iteration of `map(concurrency:ordered:buffer:_:)` under the lock: one
+/// feeder task pulls the source into `input`, `concurrency` worker tasks transform from
+/// `input`, and the consumer (the iterator's `next()`) parks here when no result is ready.
+/// With `concurrency == 1` a lone worker pulls and transforms itself (no feeder, no
+/// `input`): half the tasks and hand-offs of a pipeline stage.
+///
+/// Results do not go through the lock: they travel through a ``MapStreamRing`` of `window`
+/// slots, each result published by its producer and taken by the consumer without a lock
+/// (the ring's comment has the protocol). The lock is taken on the hot path only by the
+/// feeder (one element at a time into `input`) and by the workers (a chunk at a time out of
+/// it); everything else — parking, waking, ending — goes through the lock, so a decision
+/// to park is never made on stale state. (DESIGN.md keeps all state behind one lock; this
+/// engine moves the results out of it, because the lock was a quarter of map.ordered's
+/// time.)
 ///
 /// Flow control is a window of credits: the feeder pulls an element only while fewer than
-/// `window` elements are taken from the source and not yet returned by `next()` (the
-/// consumer reports what it returned each time it takes the lock). So `input`, the workers'
-/// hands, `output` and the consumer's reorder ring hold at most `window` elements together,
-/// and in ordered mode an element's index is always within `window` of the next one to
-/// return: the consumer's reorder ring has `window` slots.
+/// `window` elements are taken from the source and not yet returned by `next()`. The
+/// consumer hands credits back through the ring's `delivered` counter (a quarter window at
+/// a time, and everything it holds before it parks). So the ring never holds more than
+/// `window` results, and a result's slot (its index, or its ticket in completion order,
+/// modulo `window`) is always free when it is written.
 ///
-/// Invariants: `fed - delivered <= window`; `busy` = elements taken by workers whose result
-/// is not yet in `output`; a parked worker exists only while `input` is empty; the consumer
-/// is parked only while `output` is empty and the iteration is neither drained nor over.
+/// Tickets: the n-th result the consumer takes has ticket n. In ordered mode an element's
+/// ticket is its index in the source; otherwise a worker draws the next ticket when its
+/// result is ready (a lone worker's results are in order either way).
 ///
-/// Transitions (the iteration is *over* once it failed or the consumer ended it):
+/// Invariants: `fed - delivered <= window`; a parked worker exists only while `input` is
+/// empty; the consumer is parked only while the ring's slot for its ticket is empty and
+/// the iteration is neither drained nor over, and then the ring's `consumerWaitsFor` holds
+/// that ticket (it is -1 otherwise).
+///
+/// Transitions (the iteration is *over* once it failed or the consumer ended it; the
+/// ring's `over` flag mirrors that for the lock-free paths):
 ///
 /// | event                        | condition                         | effect |
 /// |------------------------------|-----------------------------------|--------|
-/// | `feederMayPull`              | over                              | `.stop` |
+/// | `feederMayPull(delivered)`   | over                              | `.stop` |
 /// |                              | `fed - delivered < window`        | `.pull` |
 /// |                              | otherwise                         | `.wait` (then `feederParked`) |
+/// | `feederParked`               | over / room (re-checked after raising `feederWaits`) | resume at once with false / true |
+/// |                              | otherwise                         | park; the consumer's credit report wakes it |
 /// | `elementArrived(e)`          | over                              | dropped; the feeder stops |
 /// |                              | —                                 | append to `input`; wake an idle worker unless enough are already waking |
-/// | `soloProduced(v)`            | over                              | dropped; the lone worker stops |
-/// |                              | —                                 | append to `output` (the element is `fed` only now: a lone worker holds one element outside the window's count, and pulls only while `fed - delivered < window`, so the bound holds); wake the consumer |
-/// | `sourceEnded`                | —                                 | wake every idle worker (it takes what is left or exits); wake the consumer if drained |
+/// | `sourceEnded(fed)`           | —                                 | (a lone worker passes its count); wake every idle worker (it takes what is left or exits); wake the consumer if it waits for ticket `fed` (drained) |
 /// | `workerTake`                 | over                              | `.exit` |
-/// |                              | `input` non-empty                 | take a chunk, `busy += n`, `.work` |
+/// |                              | `input` non-empty                 | take a chunk, `.work` |
 /// |                              | source ended                      | `.exit` |
 /// |                              | otherwise                         | `.wait` (then `workerParked`) |
-/// | `resultProduced(i, v)`       | over                              | dropped |
-/// |                              | —                                 | `busy -= 1`, append to `output`, wake the consumer |
-/// | `consumerTake(delivered)`    | —                                 | return credits (wake the feeder if it may pull again); then: failed → `.failed`; ended → `.finished`; `output` non-empty → swap it out; drained → `.finished`; otherwise `.wait` |
-/// | `consumerCancelled`          | consumer parked                   | resume it (it throws unless `output` filled meanwhile) |
+/// | result published (no lock)   | the consumer waits for its ticket | take the lock and wake it |
+/// | `consumerCheck(ticket)`      | failed / ended / drained (`sourceHasEnded && fed == ticket`) | `.failed` / `.finished` / `.finished` |
+/// |                              | otherwise                         | `.wait` (then `consumerParked`) |
+/// | `consumerParked(ticket)`     | over, drained, cancelled, or the slot filled (re-checked after publishing `consumerWaitsFor`) | resume at once |
+/// |                              | otherwise                         | park |
+/// | credits returned (`delivered` += n, no lock) | the feeder waits and now has room | take the lock and wake it |
+/// | `consumerCancelled`          | consumer parked                   | resume it (it throws unless its result came meanwhile) |
 /// | `failed(error)`              | not over                          | keep the first error; stop the feeder and idle workers; wake the consumer |
 /// | `consumerEnded`              | —                                 | over: stop the feeder and idle workers (the caller cancels the tasks) |
 @usableFromInline
-struct MapStreamState<Element, Transformed> {
+struct MapStreamState<Element> {
     @usableFromInline let window: Int
     @usableFromInline let concurrency: Int
 
     @usableFromInline var input: Deque<(index: Int, element: Element)>
-    @usableFromInline var output: [(index: Int, value: Transformed)] = []
-    /// Elements taken from the source.
+    /// Elements taken from the source (a lone worker keeps its own count and stores it here
+    /// when it parks or ends).
     @usableFromInline var fed = 0
-    /// Elements returned by `next()`, as last reported by the consumer.
-    @usableFromInline var delivered = 0
-    /// Elements taken by workers whose result is not yet in `output`.
-    @usableFromInline var busy = 0
     @usableFromInline var sourceHasEnded = false
     /// The first error of the source or a transform.
     @usableFromInline var failure: (any Error)?
@@ -69,15 +84,15 @@ struct MapStreamState<Element, Transformed> {
     init(window: Int, concurrency: Int) {
         self.window = window
         self.concurrency = concurrency
-        self.input = Deque(minimumCapacity: window)
-        self.output.reserveCapacity(window)
+        self.input = Deque(minimumCapacity: concurrency == 1 ? 0 : window)
     }
 
     @inlinable var isOver: Bool { failure != nil || consumerHasEnded }
 
-    /// Every element has been transformed and taken by the consumer.
-    @inlinable var isDrained: Bool {
-        sourceHasEnded && input.isEmpty && busy == 0 && output.isEmpty
+    /// Every element's result has been taken by the consumer, whose next ticket is `ticket`.
+    @inlinable
+    func isDrained(at ticket: Int) -> Bool {
+        sourceHasEnded && fed == ticket
     }
 
     // MARK: Feeder
@@ -88,29 +103,15 @@ struct MapStreamState<Element, Transformed> {
     }
 
     @inlinable
-    func feederMayPull() -> FeederAction {
+    func feederMayPull(delivered: Int) -> FeederAction {
         if isOver { return .stop }
         return fed - delivered < window ? .pull : .wait
     }
 
-    /// Parks the feeder; returns the continuation to resume at once (with whether to pull)
-    /// if it need not wait.
+    /// Appends a pulled element. Returns the worker to wake, if any.
     @inlinable
-    mutating func feederParked(_ continuation: UnsafeContinuation<Bool, Never>) -> (UnsafeContinuation<Bool, Never>, Bool)? {
-        switch feederMayPull() {
-        case .pull: return (continuation, true)
-        case .stop: return (continuation, false)
-        case .wait:
-            feeder = continuation
-            return nil
-        }
-    }
-
-    /// Appends a pulled element. Returns the worker to wake, if any, and what the feeder
-    /// does next.
-    @inlinable
-    mutating func elementArrived(_ element: Element) -> (worker: UnsafeContinuation<Bool, Never>?, next: FeederAction) {
-        guard !isOver else { return (nil, .stop) }
+    mutating func elementArrived(_ element: Element) -> (accepted: Bool, worker: UnsafeContinuation<Bool, Never>?) {
+        guard !isOver else { return (false, nil) }
         input.append((fed, element))
         fed += 1
         var worker: UnsafeContinuation<Bool, Never>?
@@ -118,31 +119,19 @@ struct MapStreamState<Element, Transformed> {
             wakingWorkers += 1
             worker = idle
         }
-        return (worker, feederMayPull())
+        return (true, worker)
     }
 
-    /// A lone worker (`concurrency == 1`: it pulls and transforms itself, no input queue)
-    /// produced the result of the next element. Returns the consumer to wake and what the
-    /// worker does next.
+    /// The source ended after `fed` elements. Returns the idle workers to wake (each takes
+    /// what is left or exits; no worker parks once the source has ended) and whether the
+    /// consumer, parked for ticket `consumerWaitsFor`, is drained and must be woken.
     @inlinable
-    mutating func soloProduced(
-        _ value: Transformed
-    ) -> (consumer: UnsafeContinuation<Void, Never>?, next: FeederAction, accepted: Bool) {
-        guard !isOver else { return (nil, .stop, false) }
-        output.append((fed, value))
-        fed += 1
-        return (takeConsumer(), feederMayPull(), true)
-    }
-
-    /// The source ended. Returns the idle workers to wake (each takes what is left or exits;
-    /// no worker parks once the source has ended) and the consumer to wake.
-    @inlinable
-    mutating func sourceEnded() -> (workers: [UnsafeContinuation<Bool, Never>], consumer: UnsafeContinuation<Void, Never>?) {
+    mutating func sourceEnded(consumerWaitsFor: Int) -> (workers: [UnsafeContinuation<Bool, Never>], consumer: UnsafeContinuation<Void, Never>?) {
         sourceHasEnded = true
         var workers: [UnsafeContinuation<Bool, Never>] = []
         swap(&workers, &idleWorkers)
         wakingWorkers += workers.count
-        return (workers, isDrained ? takeConsumer() : nil)
+        return (workers, consumer != nil && isDrained(at: consumerWaitsFor) ? takeConsumer() : nil)
     }
 
     // MARK: Workers
@@ -167,11 +156,9 @@ struct MapStreamState<Element, Transformed> {
         if wasWoken { wakingWorkers -= 1 }
         if isOver { return .exit }
         if !input.isEmpty {
-            let count = chunkSize()
-            for _ in 0..<count {
+            for _ in 0..<chunkSize() {
                 batch.append(input.removeFirst())
             }
-            busy += count
             return .work
         }
         return sourceHasEnded ? .exit : .wait
@@ -190,56 +177,21 @@ struct MapStreamState<Element, Transformed> {
         return nil
     }
 
-    /// A worker's result. Returns the consumer to wake, if it waits.
-    @inlinable
-    mutating func resultProduced(index: Int, value: Transformed) -> UnsafeContinuation<Void, Never>? {
-        busy -= 1
-        guard !isOver else { return nil }
-        output.append((index, value))
-        return takeConsumer()
-    }
-
     // MARK: Consumer
 
     @usableFromInline
     enum ConsumerAction {
-        /// `output` was swapped into the consumer's buffer.
-        case elements
         case finished
         case failed(any Error)
         case wait
     }
 
-    /// The consumer returned `returned` more elements since it last came, and wants more.
-    /// Returns the feeder to resume (it may pull again) with what to do.
+    /// The consumer found no result for `ticket` in the ring.
     @inlinable
-    mutating func consumerTake(
-        returned: Int,
-        into buffer: inout [(index: Int, value: Transformed)]
-    ) -> (action: ConsumerAction, feeder: UnsafeContinuation<Bool, Never>?) {
-        delivered += returned
-        var resumeFeeder: UnsafeContinuation<Bool, Never>?
-        if let feeder, !isOver, fed - delivered < window {
-            resumeFeeder = feeder
-            self.feeder = nil
-        }
-        if let failure { return (.failed(failure), resumeFeeder) }
-        if consumerHasEnded { return (.finished, resumeFeeder) }
-        if !output.isEmpty {
-            swap(&output, &buffer)
-            return (.elements, resumeFeeder)
-        }
-        return (isDrained ? .finished : .wait, resumeFeeder)
-    }
-
-    /// Parks the consumer; returns the continuation to resume at once if it need not wait.
-    @inlinable
-    mutating func consumerParked(_ continuation: UnsafeContinuation<Void, Never>) -> UnsafeContinuation<Void, Never>? {
-        if isOver || !output.isEmpty || isDrained || consumerWasCancelled {
-            return continuation
-        }
-        consumer = continuation
-        return nil
+    func consumerCheck(ticket: Int) -> ConsumerAction {
+        if let failure { return .failed(failure) }
+        if consumerHasEnded || isDrained(at: ticket) { return .finished }
+        return .wait
     }
 
     @inlinable
@@ -298,4 +250,115 @@ struct MapStreamState<Element, Transformed> {
         stop.consumer = takeConsumer()
         return stop
     }
+}
+
+/// The results of one iteration of the concurrent-map engine, in `window` slots, and the
+/// counters its parties read without the lock.
+///
+/// The slot protocol: the result with ticket `t` goes in slot `t % window`. Its producer
+/// writes the value, then stores `t` in the slot's stamp (sequentially consistent); the
+/// consumer, whose next ticket is `t`, takes the value only after it loads stamp `t`
+/// (acquiring), moves it out and stores -1 (empty). A slot is written again only for
+/// ticket `t + window`, which the credits allow only after the consumer returned result
+/// `t` and reported it through `delivered` (the chain: consumer's store, its report, the
+/// feeder's pull, the lock that hands the element to a worker, the worker's write).
+///
+/// Parking without lost wake-ups (both sides sequentially consistent, so at least one
+/// sees the other): a producer stores the stamp, then loads `consumerWaitsFor`; the
+/// consumer, under the lock, stores its ticket in `consumerWaitsFor`, then loads the
+/// stamp. A producer that finds its own ticket there takes the lock to wake the consumer
+/// (which, under the lock, either already parked or has not yet decided). The feeder and
+/// the credits work the same way with `feederWaits` and `delivered`.
+@usableFromInline
+final class MapStreamRing<Value>: @unchecked Sendable {
+    // @unchecked Sendable: no lock guards this storage. Every stored property is a `let`;
+    // the memory they point to is reached only through atomics (`stamps`, `counters`) or,
+    // for `values`, under the slot protocol above: one producer writes a slot before it
+    // publishes the stamp, and one consumer reads it after it sees the stamp.
+    @usableFromInline let window: Int
+    @usableFromInline let stamps: UnsafeMutablePointer<Atomic<Int>>
+    @usableFromInline let values: UnsafeMutablePointer<Value>
+    /// The shared counters, each on a cache line of its own (see the `…Index` constants).
+    @usableFromInline let counters: UnsafeMutablePointer<Atomic<Int>>
+
+    /// Credits returned by the consumer: results returned by `next()` and reported.
+    @usableFromInline static var deliveredIndex: Int { 0 }
+    /// The next completion-order ticket (unordered mode with several workers).
+    @usableFromInline static var ticketsIndex: Int { 16 }
+    /// The ticket the parked (or parking) consumer waits for, or -1.
+    @usableFromInline static var consumerWaitsForIndex: Int { 32 }
+    /// 1 while the feeder (or lone worker) is parked for want of credits.
+    @usableFromInline static var feederWaitsIndex: Int { 48 }
+    /// 1 once the iteration is over (failed or ended by the consumer).
+    @usableFromInline static var overIndex: Int { 64 }
+    /// A lone worker's published results, for a stage's in-flight count (see `soloPublished`).
+    @usableFromInline static var soloFedIndex: Int { 80 }
+    @usableFromInline static var counterCount: Int { 81 }
+
+    @inlinable
+    init(window: Int) {
+        self.window = window
+        stamps = .allocate(capacity: window)
+        for slot in 0..<window { (stamps + slot).initialize(to: Atomic(-1)) }
+        values = .allocate(capacity: window)
+        counters = .allocate(capacity: Self.counterCount)
+        for index in 0..<Self.counterCount { (counters + index).initialize(to: Atomic(0)) }
+        counters[Self.consumerWaitsForIndex].store(-1, ordering: .relaxed)
+    }
+
+    deinit {
+        for slot in 0..<window where stamps[slot].load(ordering: .acquiring) != -1 {
+            (values + slot).deinitialize(count: 1)
+        }
+        stamps.deinitialize(count: window)
+        stamps.deallocate()
+        values.deallocate()
+        counters.deinitialize(count: Self.counterCount)
+        counters.deallocate()
+    }
+
+    /// Publishes the result with ticket `ticket`. Returns whether the consumer waits for it.
+    @inlinable
+    func publish(_ value: consuming Value, ticket: Int) -> Bool {
+        let slot = ticket % window
+        (values + slot).initialize(to: value)
+        stamps[slot].store(ticket, ordering: .sequentiallyConsistent)
+        return counters[Self.consumerWaitsForIndex].load(ordering: .sequentiallyConsistent) == ticket
+    }
+
+    /// Takes the result with ticket `ticket` if it has been published (`nil` if not; a
+    /// `Value` that is itself optional comes wrapped).
+    @inlinable
+    func take(_ ticket: Int) -> Value? {
+        let slot = ticket % window
+        guard stamps[slot].load(ordering: .acquiring) == ticket else { return nil }
+        let value = (values + slot).move()
+        stamps[slot].store(-1, ordering: .relaxed)
+        return value
+    }
+
+    /// Whether the result with ticket `ticket` has been published (for the consumer's
+    /// re-check before it parks).
+    @inlinable
+    func isPublished(_ ticket: Int) -> Bool {
+        stamps[ticket % window].load(ordering: .sequentiallyConsistent) == ticket
+    }
+
+    @inlinable
+    func nextTicket() -> Int {
+        counters[Self.ticketsIndex].wrappingAdd(1, ordering: .relaxed).oldValue
+    }
+
+    @inlinable var delivered: Int { counters[Self.deliveredIndex].load(ordering: .acquiring) }
+
+    // The counters, by name (a pointer: an `Atomic` cannot be copied into a local).
+    @inlinable var deliveredCounter: UnsafeMutablePointer<Atomic<Int>> { counters + Self.deliveredIndex }
+    @inlinable var consumerWaitsFor: UnsafeMutablePointer<Atomic<Int>> { counters + Self.consumerWaitsForIndex }
+    @inlinable var feederWaitsFlag: UnsafeMutablePointer<Atomic<Int>> { counters + Self.feederWaitsIndex }
+    @inlinable var overFlag: UnsafeMutablePointer<Atomic<Int>> { counters + Self.overIndex }
+    @inlinable var soloFed: UnsafeMutablePointer<Atomic<Int>> { counters + Self.soloFedIndex }
+
+    @inlinable var isOver: Bool { counters[Self.overIndex].load(ordering: .relaxed) != 0 }
+
+    @inlinable var feederWaits: Bool { counters[Self.feederWaitsIndex].load(ordering: .relaxed) != 0 }
 }

@@ -1,3 +1,5 @@
+import Synchronization
+
 extension AsyncSequence where Self: Sendable, Element: Sendable {
     /// Transforms the elements with up to `concurrency` transforms running at once — Go's
     /// fan-out to a fixed set of workers and fan-in of their results, as one operator.
@@ -133,8 +135,7 @@ where Base.Element: Sendable {
     @inlinable
     public func makeAsyncIterator() -> Iterator {
         Iterator(inner: MapStreamIterator(
-            MapStreamCore(base: base, concurrency: concurrency, window: window, stats: nil, transform: transform),
-            ordered: ordered))
+            MapStreamCore(base: base, concurrency: concurrency, window: window, ordered: ordered, stats: nil, transform: transform)))
     }
 
     /// Iterates a ``ConcurrentMapSequence``. Dropping it cancels the iteration's tasks.
@@ -170,75 +171,48 @@ where Base.Element: Sendable {
 @usableFromInline
 struct MapStreamIterator<Base: AsyncSequence & Sendable, Transformed: Sendable> where Base.Element: Sendable {
     @usableFromInline let handle: MapStreamHandle<Base, Transformed>
-    /// Results taken from the shared state and not yet returned, in arrival order; `nil`
-    /// for an element left out.
-    @usableFromInline var arrived: [(index: Int, value: Transformed?)] = []
-    /// The next result of `arrived` to return (unordered mode).
-    @usableFromInline var position = 0
-    /// Ordered mode: results parked until their turn, at `index % window` (`.some(nil)`: an
-    /// element left out).
-    @usableFromInline var ring: [Transformed??]
-    /// Ordered mode: the index of the next result to return.
-    @usableFromInline var nextIndex = 0
     @usableFromInline var finished = false
 
     @inlinable
-    init(_ core: MapStreamCore<Base, Transformed>, ordered: Bool) {
+    init(_ core: MapStreamCore<Base, Transformed>) {
         handle = MapStreamHandle(core)
-        ring = ordered ? Array(repeating: nil, count: core.window) : []
     }
 
     @inlinable
     nonisolated(nonsending)
     mutating func next() async throws -> Transformed? {
         let core = handle.core
-        while true {
-            if ring.isEmpty {
-                while position < arrived.count {
-                    let value = arrived[position].value
-                    position += 1
-                    handle.returned += 1
-                    if let value {
-                        core.stats?.recordEmitted()
-                        return value
-                    }
-                    core.stats?.recordLeftOut()
+        let ring = core.ring
+        while !finished {
+            let ticket = handle.ticket
+            // The fast path, without the lock: the result with the next ticket, if it is
+            // published and the iteration is not over.
+            if !ring.isOver, let entry = ring.take(ticket) {
+                handle.ticket = ticket + 1
+                handle.returned += 1
+                if handle.returned >= core.reportThreshold { core.returnCredits(handle) }
+                if let value = entry {
+                    core.stats?.recordEmitted()
+                    return value
                 }
-            } else {
-                while case .some(let entry) = ring[nextIndex % ring.count] {
-                    ring[nextIndex % ring.count] = nil
-                    nextIndex += 1
-                    handle.returned += 1
-                    if let value = entry {
-                        core.stats?.recordEmitted()
-                        return value
-                    }
-                    core.stats?.recordLeftOut()
-                }
+                core.stats?.recordLeftOut()
+                continue
             }
-            if finished { return nil }
             if !handle.started {
                 // In the shared handle, not in this struct: a copy of the iterator must not
                 // start a second set of tasks on the same state.
                 handle.started = true
                 core.start()
             }
-            arrived.removeAll(keepingCapacity: true)
-            position = 0
-            let returned = handle.returned
-            handle.returned = 0
-            let (action, feeder) = core.state.withLock {
-                $0.consumerTake(returned: returned, into: &arrived)
-            }
-            feeder?.resume(returning: true)
-            switch action {
-            case .elements:
-                if !ring.isEmpty {
-                    for (index, value) in arrived {
-                        ring[index % ring.count] = .some(value)
-                    }
-                    arrived.removeAll(keepingCapacity: true)
-                }
+            // Nothing ready: every credit goes back before the consumer decides to wait.
+            core.returnCredits(handle)
+            switch core.state.withLock({ $0.consumerCheck(ticket: ticket) }) {
+            case .finished:
+                finish()
+                return nil
+            case .failed(let error):
+                finish()
+                throw error
             case .wait:
                 if Task.isCancelled {
                     finish()
@@ -248,38 +222,36 @@ struct MapStreamIterator<Base: AsyncSequence & Sendable, Transformed: Sendable> 
                     // This consumer is the lone worker of a pipeline stage: its wait here
                     // is that stage's wait for input.
                     let start = ContinuousClock.now
-                    await core.consumerWait()
+                    await core.consumerWait(ticket: ticket)
                     downstream.recordWaitingForInput(start.duration(to: .now))
                 } else {
-                    await core.consumerWait()
+                    await core.consumerWait(ticket: ticket)
                 }
-            case .finished:
-                finish()
-                return nil
-            case .failed(let error):
-                finish()
-                throw error
             }
         }
+        return nil
     }
 
     @inlinable
     mutating func finish() {
         finished = true
-        arrived = []
-        position = 0
         handle.end()
     }
 }
 
-/// The consumer's side of one iteration: ends it when the iterator is dropped.
+/// The consumer's side of one iteration: its position, and the end of the iteration when
+/// the iterator is dropped.
 @usableFromInline
 final class MapStreamHandle<Base: AsyncSequence & Sendable, Transformed: Sendable> where Base.Element: Sendable {
     @usableFromInline let core: MapStreamCore<Base, Transformed>
-    /// Results returned (or left out) since the consumer last reported to the shared state.
-    @usableFromInline var returned = 0
+    // Only the consuming task touches these (one `next()` at a time), so they skip the
+    // dynamic exclusivity checks, which cost as much as the rest of the fast path.
+    /// The ticket of the next result to return.
+    @exclusivity(unchecked) @usableFromInline var ticket = 0
+    /// Results returned (or left out) whose credits are not yet back with the feeder.
+    @exclusivity(unchecked) @usableFromInline var returned = 0
     /// The iteration's tasks were started (on the first `next()`).
-    @usableFromInline var started = false
+    @exclusivity(unchecked) @usableFromInline var started = false
 
     @inlinable
     init(_ core: MapStreamCore<Base, Transformed>) {
@@ -288,11 +260,11 @@ final class MapStreamHandle<Base: AsyncSequence & Sendable, Transformed: Sendabl
 
     @inlinable
     func end() {
-        core.consumerEnded(unreported: returned)
+        core.consumerEnded(self)
     }
 
     deinit {
-        core.consumerEnded(unreported: returned)
+        core.consumerEnded(self)
     }
 }
 
@@ -304,32 +276,42 @@ enum StreamDownstream {
     @usableFromInline static let stageCounters = TaskLocal<StageCounters?>(wrappedValue: nil)
 }
 
-/// One iteration of the concurrent-map engine: the shared state, the feeder and the
-/// workers (see `MapStreamState` for the state machine).
+/// One iteration of the concurrent-map engine: the shared state, the result ring, the
+/// feeder and the workers (see `MapStreamState` for the state machine and
+/// `MapStreamRing` for the lock-free result path).
 @usableFromInline
 final class MapStreamCore<Base: AsyncSequence & Sendable, Transformed: Sendable>: Sendable where Base.Element: Sendable {
     @usableFromInline typealias Element = Base.Element
 
-    @usableFromInline let state: LockedState<MapStreamState<Element, Transformed?>>
+    @usableFromInline let state: LockedState<MapStreamState<Element>>
+    @usableFromInline let ring: MapStreamRing<Transformed?>
     @usableFromInline let tasks: StreamTasks
     @usableFromInline let base: Base
     @usableFromInline let concurrency: Int
     @usableFromInline let window: Int
+    /// Results in source order (tickets are indices) or in completion order.
+    @usableFromInline let ordered: Bool
+    /// How many returned results the consumer reports to the feeder at once: a quarter of
+    /// the window (and everything before it waits).
+    @usableFromInline let reportThreshold: Int
     @usableFromInline let transform: nonisolated(nonsending) @Sendable (Element) async throws -> Transformed?
     /// The pipeline stage's statistics, when the iteration is a stage's.
     @usableFromInline let stats: StageCounters?
 
     @inlinable
     init(
-        base: Base, concurrency: Int, window: Int, stats: StageCounters?,
+        base: Base, concurrency: Int, window: Int, ordered: Bool, stats: StageCounters?,
         transform: nonisolated(nonsending) @escaping @Sendable (Element) async throws -> Transformed?
     ) {
         self.stats = stats
         self.state = LockedState(MapStreamState(window: window, concurrency: concurrency))
+        self.ring = MapStreamRing(window: window)
         self.tasks = StreamTasks(name: stats.map { "stage \"\($0.name)\"" } ?? "map(concurrency:)", limit: concurrency + 1)
         self.base = base
         self.concurrency = concurrency
         self.window = window
+        self.ordered = ordered || concurrency == 1
+        self.reportThreshold = Swift.max(1, window / 4)
         self.transform = transform
     }
 
@@ -348,79 +330,110 @@ final class MapStreamCore<Base: AsyncSequence & Sendable, Transformed: Sendable>
         }
     }
 
+    // MARK: Producers
+
     /// The lone worker (`concurrency == 1`): pulls the source while the window has room,
-    /// transforms, and hands the result to the consumer.
+    /// transforms, and publishes the result in the ring — no lock on the way.
     ///
     /// Its pull loop is `feed()`'s, written twice on purpose: sharing it through an async
     /// closure made pipeline.3stage ~15% slower (about 450 -> 520 ns per item).
     @inlinable
     func solo() async {
         var iterator = base.makeAsyncIterator()
-        var action = state.withLock { $0.feederMayPull() }
+        var fed = 0
         while true {
-            switch action {
-            case .stop:
-                return
-            case .wait:
-                guard await waitForRoom() else { return }
-                action = .pull
-            case .pull:
-                let element: Element?
-                do {
-                    element = try await iterator.next()
-                } catch {
-                    fail(error)
-                    return
-                }
-                guard let element else {
-                    sourceEnded()
-                    return
-                }
-                // Received (and in flight) from now: the transform may take long, and a hung
-                // one must show.
-                stats?.recordReceived()
-                let value: Transformed?
-                do {
-                    value = try await transform(element)
-                } catch {
-                    stats?.recordDropped(1)
-                    fail(error)
-                    return
-                }
-                let (consumer, next, accepted) = state.withLock { $0.soloProduced(value) }
-                if !accepted { stats?.recordDropped(1) }  // the iteration ended meanwhile
-                consumer?.resume()
-                action = next
+            if ring.isOver { return }
+            if fed - ring.delivered >= window {
+                guard await waitForRoom(fed: fed) else { return }
             }
+            let element: Element?
+            do {
+                element = try await iterator.next()
+            } catch {
+                fail(error)
+                return
+            }
+            guard let element else {
+                sourceEnded(fed: fed)
+                return
+            }
+            // Received (and in flight) from now: the transform may take long, and a hung
+            // one must show.
+            stats?.recordReceived()
+            let value: Transformed?
+            do {
+                value = try await transform(element)
+            } catch {
+                stats?.recordDropped(1)
+                fail(error)
+                return
+            }
+            publish(value, ticket: fed)
+            if let stats {
+                // In flight until the consumer returns it, or dropped if the consumer ended
+                // first: `consumerEnded` counts what it finds published, this what it did not.
+                let counted = ring.soloFed.pointee
+                    .compareExchange(expected: fed, desired: fed + 1, ordering: .sequentiallyConsistent).exchanged
+                if !counted { stats.recordDropped(1) }
+            }
+            fed += 1
         }
     }
 
-    /// Parks the feeder (or lone worker) until the window has room. Returns false when the
-    /// iteration is over.
+    /// Publishes a result and wakes the consumer if it waits for it.
     @inlinable
-    func waitForRoom() async -> Bool {
+    func publish(_ value: Transformed?, ticket: Int) {
+        guard ring.publish(value, ticket: ticket) else { return }
+        let consumer = state.withLock { state -> UnsafeContinuation<Void, Never>? in
+            let waitsFor = ring.consumerWaitsFor
+            guard waitsFor.pointee.load(ordering: .relaxed) == ticket, state.consumer != nil else { return nil }
+            waitsFor.pointee.store(-1, ordering: .relaxed)
+            return state.takeConsumer()
+        }
+        consumer?.resume()
+    }
+
+    /// Parks the feeder (or lone worker, which passes its count of elements) until the
+    /// window has room. Returns false when the iteration is over.
+    @inlinable
+    func waitForRoom(fed soloFed: Int? = nil) async -> Bool {
         let start = stats.map { _ in ContinuousClock.now }
         // The wait counts as waiting for output only if results are waiting for downstream
         // when the feeder parks; otherwise the window is full of elements waiting for (or in)
         // this stage's own workers, and the stage itself is the bottleneck.
         var downstreamIsBehind = false
         let mayPull = await withUnsafeContinuation { continuation in
-            let now = state.withLock { state in
-                downstreamIsBehind = !state.output.isEmpty
-                return state.feederParked(continuation)
+            let now = state.withLock { state -> Bool? in
+                if let soloFed { state.fed = soloFed }
+                if state.isOver { return false }
+                let feederWaits = ring.feederWaitsFlag
+                feederWaits.pointee.store(1, ordering: .sequentiallyConsistent)
+                let delivered = ring.deliveredCounter.pointee.load(ordering: .sequentiallyConsistent)
+                if state.fed - delivered < window {
+                    feederWaits.pointee.store(0, ordering: .relaxed)
+                    return true
+                }
+                // Results not yet taken by downstream: the consumer's ticket is behind the
+                // newest result.
+                downstreamIsBehind = ring.isPublished(delivered)
+                state.feeder = continuation
+                return nil
             }
-            if let (continuation, mayPull) = now {
-                continuation.resume(returning: mayPull)
-            }
+            if let now { continuation.resume(returning: now) }
         }
         if let stats, let start, downstreamIsBehind { stats.recordWaitingForOutput(start.duration(to: .now)) }
         return mayPull
     }
 
-    /// The source has ended: wake the idle workers (to finish) and the consumer (if drained).
+    /// The source has ended after `fed` elements (a lone worker passes its count): wake the
+    /// idle workers (to finish) and the consumer (if drained).
     @inlinable
-    func sourceEnded() {
-        let (workers, consumer) = state.withLock { $0.sourceEnded() }
+    func sourceEnded(fed soloFed: Int? = nil) {
+        let (workers, consumer) = state.withLock { state in
+            if let soloFed { state.fed = soloFed }
+            let waitsFor = ring.consumerWaitsFor.pointee.load(ordering: .relaxed)
+            return state.sourceEnded(consumerWaitsFor: waitsFor)
+        }
         for worker in workers { worker.resume(returning: true) }
         consumer?.resume()
     }
@@ -429,7 +442,7 @@ final class MapStreamCore<Base: AsyncSequence & Sendable, Transformed: Sendable>
     @inlinable
     func feed() async {
         var iterator = base.makeAsyncIterator()
-        var action = state.withLock { $0.feederMayPull() }
+        var action = state.withLock { $0.feederMayPull(delivered: ring.delivered) }
         while true {
             switch action {
             case .stop:
@@ -450,8 +463,9 @@ final class MapStreamCore<Base: AsyncSequence & Sendable, Transformed: Sendable>
                     return
                 }
                 let (worker, next) = state.withLock { state in
-                    if !state.isOver { stats?.recordReceived() }
-                    return state.elementArrived(element)
+                    let (accepted, worker) = state.elementArrived(element)
+                    if accepted { stats?.recordReceived() }
+                    return (worker, accepted ? state.feederMayPull(delivered: ring.delivered) : .stop)
                 }
                 worker?.resume(returning: true)
                 action = next
@@ -491,50 +505,111 @@ final class MapStreamCore<Base: AsyncSequence & Sendable, Transformed: Sendable>
                         fail(error)
                         return
                     }
-                    let (consumer, isOver) = state.withLock { state in
-                        (state.resultProduced(index: index, value: value), state.isOver)
-                    }
-                    consumer?.resume()
+                    publish(value, ticket: ordered ? index : ring.nextTicket())
                     // Over (the consumer left, or something failed): leave the rest of the
                     // chunk untransformed, as the transforms of other workers are cancelled.
-                    if isOver { return }
+                    if ring.isOver { return }
                 }
                 batch.removeAll(keepingCapacity: true)
             }
         }
     }
 
-    /// Parks the consumer until there are results, the iteration is over or drained, or
-    /// the consuming task is cancelled.
+    // MARK: Consumer
+
+    /// Hands the credits of the results the consumer returned back to the feeder, and wakes
+    /// it if it waits for them.
+    @inlinable
+    func returnCredits(_ handle: MapStreamHandle<Base, Transformed>) {
+        let count = handle.returned
+        guard count > 0 else { return }
+        handle.returned = 0
+        let delivered = ring.deliveredCounter
+        delivered.pointee.add(count, ordering: .sequentiallyConsistent)
+        let feederWaits = ring.feederWaitsFlag
+        guard feederWaits.pointee.load(ordering: .sequentiallyConsistent) != 0 else { return }
+        let feeder = state.withLock { state -> UnsafeContinuation<Bool, Never>? in
+            guard let feeder = state.feeder, !state.isOver,
+                  state.fed - delivered.pointee.load(ordering: .relaxed) < window
+            else { return nil }
+            state.feeder = nil
+            feederWaits.pointee.store(0, ordering: .relaxed)
+            return feeder
+        }
+        feeder?.resume(returning: true)
+    }
+
+    /// Parks the consumer until the result with `ticket` is published, the iteration is over
+    /// or drained, or the consuming task is cancelled.
     @inlinable
     nonisolated(nonsending)
-    func consumerWait() async {
+    func consumerWait(ticket: Int) async {
         await withTaskCancellationHandler {
             await withUnsafeContinuation { continuation in
-                state.withLock { $0.consumerParked(continuation) }?.resume()
+                let parked = state.withLock { state -> Bool in
+                    if state.isOver || state.isDrained(at: ticket) || state.consumerWasCancelled { return false }
+                    let waitsFor = ring.consumerWaitsFor
+                    waitsFor.pointee.store(ticket, ordering: .sequentiallyConsistent)
+                    if ring.isPublished(ticket) {
+                        waitsFor.pointee.store(-1, ordering: .relaxed)
+                        return false
+                    }
+                    state.consumer = continuation
+                    return true
+                }
+                if !parked { continuation.resume() }
             }
         } onCancel: {
-            state.withLock { $0.consumerCancelled() }?.resume()
+            consumerWoken { $0.consumerCancelled() }
         }
+    }
+
+    /// Takes the consumer's continuation (clearing the ticket it waits for) and resumes it.
+    @inlinable
+    func consumerWoken(_ take: (inout MapStreamState<Element>) -> UnsafeContinuation<Void, Never>?) {
+        state.withLock { state -> UnsafeContinuation<Void, Never>? in
+            let consumer = take(&state)
+            if consumer != nil {
+                ring.consumerWaitsFor.pointee.store(-1, ordering: .relaxed)
+            }
+            return consumer
+        }?.resume()
+    }
+
+    /// Marks the iteration over for the lock-free paths (under the lock, as it becomes over).
+    @inlinable
+    func markOver(_ stop: MapStreamState<Element>.Stop) -> MapStreamState<Element>.Stop {
+        ring.overFlag.pointee.store(1, ordering: .relaxed)
+        if stop.consumer != nil {
+            ring.consumerWaitsFor.pointee.store(-1, ordering: .relaxed)
+        }
+        ring.feederWaitsFlag.pointee.store(0, ordering: .relaxed)
+        return stop
     }
 
     /// The source or a transform failed: the first error ends the iteration.
     @inlinable
     func fail(_ error: any Error) {
-        guard let stop = state.withLock({ $0.failed(error) }) else { return }
+        guard let stop = state.withLock({ state in state.failed(error).map(markOver) }) else { return }
         stop.resume()
         tasks.cancel()
     }
 
     /// The consumer ended the iteration (finished, failed, cancelled or stopped early).
     @inlinable
-    func consumerEnded(unreported: Int) {
+    func consumerEnded(_ handle: MapStreamHandle<Base, Transformed>) {
+        let unreported = handle.returned
+        handle.returned = 0
         state.withLock { state in
             if let stats, !state.consumerHasEnded {
-                // What was taken in and never passed on: no longer in flight.
-                stats.recordDropped(state.fed - state.delivered - unreported)
+                // What was taken in and never passed on is no longer in flight. A lone
+                // worker's count: what it published before now (it counts the rest).
+                let fed = concurrency == 1
+                    ? ring.soloFed.pointee.exchange(Int.min / 2, ordering: .sequentiallyConsistent)
+                    : state.fed
+                stats.recordDropped(fed - ring.delivered - unreported)
             }
-            return state.consumerEnded()
+            return markOver(state.consumerEnded())
         }.resume()
         tasks.cancel()
     }

@@ -133,8 +133,7 @@ where Base.Element: Sendable {
     @inlinable
     public func makeAsyncIterator() -> Iterator {
         Iterator(inner: MapStreamIterator(
-            MapStreamCore(base: base, concurrency: concurrency, window: window, stats: counters, transform: transform),
-            ordered: ordered))
+            MapStreamCore(base: base, concurrency: concurrency, window: window, ordered: ordered, stats: counters, transform: transform)))
     }
 
     /// Iterates a pipeline. Dropping it cancels every stage's tasks.
