@@ -269,8 +269,13 @@ struct MapStreamState<Element> {
 /// stamp. A producer that finds its own ticket there takes the lock to wake the consumer
 /// (which, under the lock, either already parked or has not yet decided). The feeder and
 /// the credits work the same way with `feederWaits` and `delivered`.
+///
+/// A struct of pointers, so that reaching it costs no reference counting (the producers
+/// and the consumer would otherwise bounce the owner's reference count, and the cache line
+/// these pointers sit on, between the cores on every element). Its owner, the iteration's
+/// `MapStreamCore`, calls `deallocate()` in its deinit.
 @usableFromInline
-final class MapStreamRing<Value>: @unchecked Sendable {
+struct MapStreamRing<Value>: @unchecked Sendable {
     // @unchecked Sendable: no lock guards this storage. Every stored property is a `let`;
     // the memory they point to is reached only through atomics (`stamps`, `counters`) or,
     // for `values`, under the slot protocol above: one producer writes a slot before it
@@ -306,7 +311,9 @@ final class MapStreamRing<Value>: @unchecked Sendable {
         counters[Self.consumerWaitsForIndex].store(-1, ordering: .relaxed)
     }
 
-    deinit {
+    /// Frees the ring, with the results nobody took. Only when every party is gone.
+    @usableFromInline
+    func deallocate() {
         for slot in 0..<window where stamps[slot].load(ordering: .acquiring) != -1 {
             (values + slot).deinitialize(count: 1)
         }

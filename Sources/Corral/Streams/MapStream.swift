@@ -55,10 +55,8 @@ extension AsyncSequence where Self: Sendable, Element: Sendable {
     ) -> ConcurrentMapSequence<Self, Transformed> {
         ConcurrentMapSequence(
             base: self, concurrency: concurrency, ordered: ordered,
-            window: concurrentWindow(concurrency: concurrency, buffer: buffer, in: "map")
-        ) { element in
-            try await transform(element)
-        }
+            window: concurrentWindow(concurrency: concurrency, buffer: buffer, in: "map"),
+            transform: .plain(transform))
     }
 
     /// Transforms the elements with up to `concurrency` transforms running at once, and
@@ -91,7 +89,7 @@ extension AsyncSequence where Self: Sendable, Element: Sendable {
         ConcurrentMapSequence(
             base: self, concurrency: concurrency, ordered: ordered,
             window: concurrentWindow(concurrency: concurrency, buffer: buffer, in: "compactMap"),
-            transform: transform)
+            transform: .optional(transform))
     }
 }
 
@@ -116,13 +114,10 @@ where Base.Element: Sendable {
     @usableFromInline let concurrency: Int
     @usableFromInline let ordered: Bool
     @usableFromInline let window: Int
-    @usableFromInline let transform: nonisolated(nonsending) @Sendable (Base.Element) async throws -> Transformed?
+    @usableFromInline let transform: MapTransform<Base.Element, Transformed>
 
     @inlinable
-    init(
-        base: Base, concurrency: Int, ordered: Bool, window: Int,
-        transform: nonisolated(nonsending) @escaping @Sendable (Base.Element) async throws -> Transformed?
-    ) {
+    init(base: Base, concurrency: Int, ordered: Bool, window: Int, transform: MapTransform<Base.Element, Transformed>) {
         self.base = base
         self.concurrency = concurrency
         self.ordered = ordered
@@ -153,6 +148,7 @@ where Base.Element: Sendable {
         /// - Throws: The first error of the source or of a transform; `CancellationError`
         ///   (or ``TimeoutError``) when the consuming task is cancelled while it waits.
         @inlinable
+        nonisolated(nonsending)
         public mutating func next() async throws -> Transformed? {
             try await inner.next()
         }
@@ -182,22 +178,9 @@ struct MapStreamIterator<Base: AsyncSequence & Sendable, Transformed: Sendable> 
     nonisolated(nonsending)
     mutating func next() async throws -> Transformed? {
         let core = handle.core
-        let ring = core.ring
         while !finished {
+            if let value = handle.takeReady() { return value }
             let ticket = handle.ticket
-            // The fast path, without the lock: the result with the next ticket, if it is
-            // published and the iteration is not over.
-            if !ring.isOver, let entry = ring.take(ticket) {
-                handle.ticket = ticket + 1
-                handle.returned += 1
-                if handle.returned >= core.reportThreshold { core.returnCredits(handle) }
-                if let value = entry {
-                    core.stats?.recordEmitted()
-                    return value
-                }
-                core.stats?.recordLeftOut()
-                continue
-            }
             if !handle.started {
                 // In the shared handle, not in this struct: a copy of the iterator must not
                 // start a second set of tasks on the same state.
@@ -258,6 +241,27 @@ final class MapStreamHandle<Base: AsyncSequence & Sendable, Transformed: Sendabl
         self.core = core
     }
 
+    /// The fast path of `next()`, without the lock: returns the next result if it is
+    /// published and the iteration is not over (passing over left-out elements). A method
+    /// of this class so that the core and the ring are reached without a retain: the
+    /// producers retain and release the same objects, and every shared reference count
+    /// touched per element is a cache line bouncing between the cores.
+    @inlinable
+    func takeReady() -> Transformed? {
+        let ring = core.ring
+        while !ring.isOver, let entry = ring.take(ticket) {
+            ticket += 1
+            returned += 1
+            if returned >= core.reportThreshold { core.returnCredits(self) }
+            if let value = entry {
+                core.cells?.recordEmitted()
+                return value
+            }
+            core.cells?.recordLeftOut()
+        }
+        return nil
+    }
+
     @inlinable
     func end() {
         core.consumerEnded(self)
@@ -265,6 +269,29 @@ final class MapStreamHandle<Base: AsyncSequence & Sendable, Transformed: Sendabl
 
     deinit {
         core.consumerEnded(self)
+    }
+}
+
+/// The transform of a concurrent map or a pipeline stage: the caller's closure as given.
+/// Calling it through a wrapping closure (or a converted function value) would cost an
+/// executor switch per element: under Swift 6's defaults a closure literal is a concurrent
+/// function, which hops to the global executor when it is entered.
+@usableFromInline
+enum MapTransform<Element, Transformed>: Sendable {
+    @usableFromInline typealias Plain = nonisolated(nonsending) @Sendable (Element) async throws -> Transformed
+    @usableFromInline typealias Filtering = nonisolated(nonsending) @Sendable (Element) async throws -> Transformed?
+
+    case plain(Plain)
+    /// `nil` leaves the element out.
+    case optional(Filtering)
+
+    @inlinable
+    nonisolated(nonsending)
+    func callAsFunction(_ element: Element) async throws -> Transformed? {
+        switch self {
+        case .plain(let transform): try await transform(element)
+        case .optional(let transform): try await transform(element)
+        }
     }
 }
 
@@ -294,16 +321,19 @@ final class MapStreamCore<Base: AsyncSequence & Sendable, Transformed: Sendable>
     /// How many returned results the consumer reports to the feeder at once: a quarter of
     /// the window (and everything before it waits).
     @usableFromInline let reportThreshold: Int
-    @usableFromInline let transform: nonisolated(nonsending) @Sendable (Element) async throws -> Transformed?
+    @usableFromInline let transform: MapTransform<Element, Transformed>
     /// The pipeline stage's statistics, when the iteration is a stage's.
     @usableFromInline let stats: StageCounters?
+    /// `stats`' counters, reached without a retain.
+    @usableFromInline let cells: StageCells?
 
     @inlinable
     init(
         base: Base, concurrency: Int, window: Int, ordered: Bool, stats: StageCounters?,
-        transform: nonisolated(nonsending) @escaping @Sendable (Element) async throws -> Transformed?
+        transform: MapTransform<Element, Transformed>
     ) {
         self.stats = stats
+        self.cells = stats?.cells
         self.state = LockedState(MapStreamState(window: window, concurrency: concurrency))
         self.ring = MapStreamRing(window: window)
         self.tasks = StreamTasks(name: stats.map { "stage \"\($0.name)\"" } ?? "map(concurrency:)", limit: concurrency + 1)
@@ -313,6 +343,10 @@ final class MapStreamCore<Base: AsyncSequence & Sendable, Transformed: Sendable>
         self.ordered = ordered || concurrency == 1
         self.reportThreshold = Swift.max(1, window / 4)
         self.transform = transform
+    }
+
+    deinit {
+        ring.deallocate()
     }
 
     /// Starts the feeder and the workers, or the lone worker.
@@ -359,22 +393,22 @@ final class MapStreamCore<Base: AsyncSequence & Sendable, Transformed: Sendable>
             }
             // Received (and in flight) from now: the transform may take long, and a hung
             // one must show.
-            stats?.recordReceived()
+            cells?.recordReceived()
             let value: Transformed?
             do {
                 value = try await transform(element)
             } catch {
-                stats?.recordDropped(1)
+                cells?.recordDropped(1)
                 fail(error)
                 return
             }
             publish(value, ticket: fed)
-            if let stats {
+            if let cells {
                 // In flight until the consumer returns it, or dropped if the consumer ended
                 // first: `consumerEnded` counts what it finds published, this what it did not.
                 let counted = ring.soloFed.pointee
                     .compareExchange(expected: fed, desired: fed + 1, ordering: .sequentiallyConsistent).exchanged
-                if !counted { stats.recordDropped(1) }
+                if !counted { cells.recordDropped(1) }
             }
             fed += 1
         }
@@ -397,7 +431,7 @@ final class MapStreamCore<Base: AsyncSequence & Sendable, Transformed: Sendable>
     /// window has room. Returns false when the iteration is over.
     @inlinable
     func waitForRoom(fed soloFed: Int? = nil) async -> Bool {
-        let start = stats.map { _ in ContinuousClock.now }
+        let start = cells.map { _ in ContinuousClock.now }
         // The wait counts as waiting for output only if results are waiting for downstream
         // when the feeder parks; otherwise the window is full of elements waiting for (or in)
         // this stage's own workers, and the stage itself is the bottleneck.
@@ -421,7 +455,7 @@ final class MapStreamCore<Base: AsyncSequence & Sendable, Transformed: Sendable>
             }
             if let now { continuation.resume(returning: now) }
         }
-        if let stats, let start, downstreamIsBehind { stats.recordWaitingForOutput(start.duration(to: .now)) }
+        if let cells, let start, downstreamIsBehind { cells.recordWaitingForOutput(start.duration(to: .now)) }
         return mayPull
     }
 
@@ -464,7 +498,7 @@ final class MapStreamCore<Base: AsyncSequence & Sendable, Transformed: Sendable>
                 }
                 let (worker, next) = state.withLock { state in
                     let (accepted, worker) = state.elementArrived(element)
-                    if accepted { stats?.recordReceived() }
+                    if accepted { cells?.recordReceived() }
                     return (worker, accepted ? state.feederMayPull(delivered: ring.delivered) : .stop)
                 }
                 worker?.resume(returning: true)
@@ -487,13 +521,13 @@ final class MapStreamCore<Base: AsyncSequence & Sendable, Transformed: Sendable>
             case .exit:
                 return
             case .wait:
-                let start = stats.map { _ in ContinuousClock.now }
+                let start = cells.map { _ in ContinuousClock.now }
                 let again = await withUnsafeContinuation { continuation in
                     if let (continuation, again) = state.withLock({ $0.workerParked(continuation) }) {
                         continuation.resume(returning: again)
                     }
                 }
-                if let stats, let start { stats.recordWaitingForInput(start.duration(to: .now)) }
+                if let cells, let start { cells.recordWaitingForInput(start.duration(to: .now)) }
                 guard again else { return }
                 wasWoken = true
             case .work:
@@ -601,13 +635,13 @@ final class MapStreamCore<Base: AsyncSequence & Sendable, Transformed: Sendable>
         let unreported = handle.returned
         handle.returned = 0
         state.withLock { state in
-            if let stats, !state.consumerHasEnded {
+            if let cells, !state.consumerHasEnded {
                 // What was taken in and never passed on is no longer in flight. A lone
                 // worker's count: what it published before now (it counts the rest).
                 let fed = concurrency == 1
                     ? ring.soloFed.pointee.exchange(Int.min / 2, ordering: .sequentiallyConsistent)
                     : state.fed
-                stats.recordDropped(fed - ring.delivered - unreported)
+                cells.recordDropped(fed - ring.delivered - unreported)
             }
             return markOver(state.consumerEnded())
         }.resume()

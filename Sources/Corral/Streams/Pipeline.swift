@@ -83,7 +83,7 @@ where Base.Element: Sendable {
     @usableFromInline let window: Int
     @usableFromInline let ordered: Bool
     @usableFromInline let counters: StageCounters
-    @usableFromInline let transform: nonisolated(nonsending) @Sendable (Base.Element) async throws -> Output?
+    @usableFromInline let transform: MapTransform<Base.Element, Output>
 
     @inlinable
     init(
@@ -99,9 +99,9 @@ where Base.Element: Sendable {
         self.counters = counters
         switch policy {
         case .fail:
-            self.transform = { element in try await transform(element) }
+            self.transform = .plain(transform)
         default:
-            self.transform = { element in
+            self.transform = .optional { element in
                 try await applying(policy, attempt: 1, to: element, counters: counters, transform)
             }
         }
@@ -152,6 +152,7 @@ where Base.Element: Sendable {
         ///   under the `.fail` policy); `CancellationError` (or ``TimeoutError``) when the
         ///   consuming task is cancelled while it waits.
         @inlinable
+        nonisolated(nonsending)
         public mutating func next() async throws -> Output? {
             try await inner.next()
         }

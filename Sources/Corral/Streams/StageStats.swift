@@ -65,13 +65,9 @@ public struct StageError: Error, Sendable, CustomStringConvertible {
 @usableFromInline
 final class StageCounters: Sendable {
     @usableFromInline let name: String
-    @usableFromInline let received = Atomic<Int>(0)
-    @usableFromInline let emitted = Atomic<Int>(0)
-    @usableFromInline let skipped = Atomic<Int>(0)
-    @usableFromInline let retried = Atomic<Int>(0)
-    @usableFromInline let inFlight = Atomic<Int>(0)
-    @usableFromInline let inputWaitNanoseconds = Atomic<Int>(0)
-    @usableFromInline let outputWaitNanoseconds = Atomic<Int>(0)
+    /// The counters themselves; the iterations' hot paths use them without touching this
+    /// object's reference count.
+    @usableFromInline let cells: StageCells
     private let errors: LockedState<Deque<StageError>>
     private let errorLimit: Int
 
@@ -80,56 +76,32 @@ final class StageCounters: Sendable {
         self.name = name
         self.errorLimit = errorLimit
         self.errors = LockedState(Deque())
+        self.cells = StageCells()
     }
 
-    @inlinable
-    func recordReceived() {
-        received.add(1, ordering: .relaxed)
-        inFlight.add(1, ordering: .relaxed)
-    }
-
-    @inlinable
-    func recordEmitted() {
-        emitted.add(1, ordering: .relaxed)
-        inFlight.subtract(1, ordering: .relaxed)
-    }
-
-    /// The consumer passed over an element the `.skip` policy left out.
-    @inlinable
-    func recordLeftOut() {
-        inFlight.subtract(1, ordering: .relaxed)
-    }
-
-    /// Elements of an iteration that ended early, dropped while in flight.
-    @inlinable
-    func recordDropped(_ count: Int) {
-        inFlight.subtract(count, ordering: .relaxed)
-    }
-
-    @inlinable
-    func recordRetry() {
-        retried.add(1, ordering: .relaxed)
-    }
-
-    @inlinable
-    func recordWaitingForInput(_ duration: Duration) {
-        inputWaitNanoseconds.add(duration.nanoseconds, ordering: .relaxed)
-    }
-
-    @inlinable
-    func recordWaitingForOutput(_ duration: Duration) {
-        outputWaitNanoseconds.add(duration.nanoseconds, ordering: .relaxed)
+    deinit {
+        cells.deallocate()
     }
 
     /// An element left out after its transform failed: counted, and kept among the recent
     /// errors (the oldest is forgotten beyond the limit).
     @usableFromInline
     func recordSkipped(_ error: StageError) {
-        skipped.add(1, ordering: .relaxed)
+        cells.add(1, to: StageCells.skipped)
         errors.withLock { errors in
             if errors.count == errorLimit { errors.removeFirst() }
             errors.append(error)
         }
+    }
+
+    @usableFromInline
+    func recordRetry() {
+        cells.add(1, to: StageCells.retried)
+    }
+
+    @usableFromInline
+    func recordWaitingForInput(_ duration: Duration) {
+        cells.recordWaitingForInput(duration)
     }
 
     var recentErrors: [StageError] {
@@ -137,15 +109,94 @@ final class StageCounters: Sendable {
     }
 
     var snapshot: StageStats {
-        StageStats(
+        // In flight = received - emitted - left out - dropped. Each element is received
+        // before it is emitted, left out or dropped, and those counters are added with
+        // release and read here with acquire before `received`: the difference is never
+        // below what was in flight at some moment of the read.
+        let emitted = cells.load(StageCells.emitted)
+        let leftOut = cells.load(StageCells.leftOut)
+        let dropped = cells.load(StageCells.dropped)
+        let received = cells.load(StageCells.received)
+        return StageStats(
             name: name,
-            received: received.load(ordering: .relaxed),
-            emitted: emitted.load(ordering: .relaxed),
-            skipped: skipped.load(ordering: .relaxed),
-            retried: retried.load(ordering: .relaxed),
-            inFlight: inFlight.load(ordering: .relaxed),
-            waitingForInput: .nanoseconds(inputWaitNanoseconds.load(ordering: .relaxed)),
-            waitingForOutput: .nanoseconds(outputWaitNanoseconds.load(ordering: .relaxed)))
+            received: received,
+            emitted: emitted,
+            skipped: cells.load(StageCells.skipped),
+            retried: cells.load(StageCells.retried),
+            inFlight: Swift.max(0, received - emitted - leftOut - dropped),
+            waitingForInput: .nanoseconds(cells.load(StageCells.inputWait)),
+            waitingForOutput: .nanoseconds(cells.load(StageCells.outputWait)))
+    }
+}
+
+/// A stage's counters, each written by one side of the stage on a cache line of its own: a
+/// struct of one pointer, so that the producer and the consumer record every element
+/// without retaining anything (a shared reference count, or counters written by both sides
+/// on one cache line, would bounce that line between the cores on every element). Its
+/// owner, ``StageCounters``, frees it.
+@usableFromInline
+struct StageCells: @unchecked Sendable {
+    // @unchecked Sendable: one `let` pointer; the memory is reached only through atomics.
+    @usableFromInline let base: UnsafeMutablePointer<Atomic<Int>>
+
+    // Written by the stage's producer side (the feeder, or the lone worker).
+    @usableFromInline static var received: Int { 0 }
+    // Written by the stage's consumer.
+    @usableFromInline static var emitted: Int { 16 }
+    @usableFromInline static var leftOut: Int { 17 }
+    // Written at the end of an iteration, on errors and on waits.
+    @usableFromInline static var dropped: Int { 32 }
+    @usableFromInline static var skipped: Int { 33 }
+    @usableFromInline static var retried: Int { 34 }
+    @usableFromInline static var inputWait: Int { 48 }
+    @usableFromInline static var outputWait: Int { 64 }
+    @usableFromInline static var count: Int { 65 }
+
+    @usableFromInline
+    init() {
+        base = .allocate(capacity: Self.count)
+        for index in 0..<Self.count { (base + index).initialize(to: Atomic(0)) }
+    }
+
+    func deallocate() {
+        base.deinitialize(count: Self.count)
+        base.deallocate()
+    }
+
+    @inlinable
+    func add(_ value: Int, to counter: Int) {
+        base[counter].wrappingAdd(value, ordering: .releasing)
+    }
+
+    @inlinable
+    func load(_ counter: Int) -> Int {
+        base[counter].load(ordering: .acquiring)
+    }
+
+    /// An element taken from upstream: in flight from now.
+    @inlinable
+    func recordReceived() { add(1, to: Self.received) }
+
+    /// A result passed downstream.
+    @inlinable
+    func recordEmitted() { add(1, to: Self.emitted) }
+
+    /// The consumer passed over an element the `.skip` policy left out.
+    @inlinable
+    func recordLeftOut() { add(1, to: Self.leftOut) }
+
+    /// Elements of an iteration that ended early, dropped while in flight.
+    @inlinable
+    func recordDropped(_ count: Int) { add(count, to: Self.dropped) }
+
+    @inlinable
+    func recordWaitingForInput(_ duration: Duration) {
+        add(duration.nanoseconds, to: Self.inputWait)
+    }
+
+    @inlinable
+    func recordWaitingForOutput(_ duration: Duration) {
+        add(duration.nanoseconds, to: Self.outputWait)
     }
 }
 
