@@ -90,6 +90,10 @@ class PoolJobBase: @unchecked Sendable {
     /// Runs the job on the calling worker and keeps its result (published under the pool's
     /// lock by the worker afterwards), reporting it to the pool's `observer` if it has one.
     /// Overridden by ``PoolJob``.
+    ///
+    /// `nonisolated(nonsending)`, as `runWorker`: a concurrent function here would switch
+    /// executors on entry and after every await, twice per job for nothing.
+    nonisolated(nonsending)
     func run(observer: (any WorkerPoolObserver)?) async -> JobEnd { preconditionFailure("PoolJobBase.run is abstract") }
 
     /// Ends a job that never ran with `error` (overridden by ``PoolJob``).
@@ -157,6 +161,7 @@ final class PoolJob<Success: Sendable>: PoolJobBase, @unchecked Sendable {
         super.init()
     }
 
+    nonisolated(nonsending)
     override func run(observer: (any WorkerPoolObserver)?) async -> JobEnd {
         let startedAt = acceptedAt == nil ? nil : ContinuousClock.now
         let end: JobEnd

@@ -232,6 +232,10 @@ final class WorkerPoolStorage: Sendable {
     }
 
     /// One worker: takes batches of jobs until the pool no longer needs it.
+    ///
+    /// `nonisolated(nonsending)` (it runs on its task's executor, the global one): as a
+    /// concurrent function it switched executors after every job it awaited.
+    nonisolated(nonsending)
     func runWorker(_ worker: PoolWorker) async {
         withUnsafeCurrentTask { task in
             state.withLock { $0.workerStarted(worker, task: task) }

@@ -40,6 +40,40 @@ struct MapStreamTests {
         #expect(received.sorted() == (0..<count).map { $0 * 2 })
     }
 
+    /// Results left out by compactMap still take their turn in the results' ring: with a
+    /// buffer of 2 the ring wraps around hundreds of times.
+    @Test(arguments: [(1, true), (3, true), (3, false)])
+    func compactMap_leavesNilsOut(concurrency: Int, ordered: Bool) async throws {
+        let count = 400
+        let received = try await expectNoLeakedTasks {
+            var received: [Int] = []
+            let mapped = Counting(range: 0..<count).compactMap(concurrency: concurrency, ordered: ordered, buffer: 2) { value in
+                await jitter()
+                return value % 3 == 0 ? nil : value
+            }
+            for try await value in mapped { received.append(value) }
+            return received
+        }
+        let expected = (0..<count).filter { $0 % 3 != 0 }
+        #expect(ordered ? received == expected : received.sorted() == expected)
+    }
+
+    /// A transform whose results are optional: `nil` is an element like any other, not the
+    /// end of the sequence.
+    @Test(arguments: [true, false])
+    func optionalResults_areElements(ordered: Bool) async throws {
+        var received: [Int?] = []
+        let mapped = Counting(range: 0..<100).map(concurrency: 3, ordered: ordered, buffer: 4) { value -> Int? in
+            await jitter()
+            return value % 2 == 0 ? nil : value
+        }
+        for try await value in mapped { received.append(value) }
+        #expect(received.count == 100)
+        #expect(received.filter { $0 == nil }.count == 50)
+        let values = received.compactMap { $0 }
+        #expect(ordered ? values == Array(stride(from: 1, to: 100, by: 2)) : values.sorted() == Array(stride(from: 1, to: 100, by: 2)))
+    }
+
     @Test func anEmptySource_endsAtOnce() async throws {
         var iterator = Counting(range: 0..<0).map(concurrency: 4) { $0 }.makeAsyncIterator()
         #expect(try await iterator.next() == nil)

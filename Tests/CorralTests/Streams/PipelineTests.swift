@@ -216,6 +216,33 @@ struct PipelineTests {
         #expect(cancelled.current == 2)
     }
 
+    /// However an iteration ends — finished, failed, stopped early or cancelled — every
+    /// element a stage received is accounted for once it is over: nothing stays in flight.
+    @Test func inFlight_returnsToZero_howeverTheIterationEnds() async throws {
+        for round in 0..<stressIterations(default: 40) {
+            let concurrency = [1, 1, 3][round % 3]
+            let failAt = Bool.random() ? Int.random(in: 0..<60) : nil
+            let stopAfter = Bool.random() ? Int.random(in: 0..<60) : nil
+            let stage = Counting(range: 0..<60).stage("s", concurrency: concurrency, buffer: Int.random(in: 1...8)) { value in
+                for _ in 0..<Int.random(in: 0..<10) { await Task.yield() }
+                if value == failAt { throw TestFailure(id: value) }
+                return value
+            }
+            let consumer = Task {
+                var taken = 0
+                for try await _ in stage {
+                    taken += 1
+                    if taken == stopAfter { break }
+                }
+            }
+            if Bool.random() { consumer.cancel() }
+            _ = try? await consumer.value
+            await waitUntil("round \(round): nothing in flight, \(stage.stats)") { stage.stats.inFlight == 0 }
+            let stats = stage.stats
+            #expect(stats.emitted <= stats.received && stats.received <= 60, "\(stats)")
+        }
+    }
+
     /// The element in a transform is received and in flight, whatever the concurrency (a lone
     /// worker included), so that a hung transform shows in the stats and as a stall.
     @Test(arguments: [1, 2])
