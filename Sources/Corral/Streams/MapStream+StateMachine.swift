@@ -27,7 +27,8 @@ import Synchronization
 /// ticket is its index in the source; otherwise a worker draws the next ticket when its
 /// result is ready (a lone worker's results are in order either way).
 ///
-/// Invariants: `fed - delivered <= window`; a parked worker exists only while `input` is
+/// Invariants: `fed - delivered <= window` (a lone worker keeps `fed` itself, and stores it
+/// here when it parks or ends); a parked worker exists only while `input` is
 /// empty; the consumer is parked only while the ring's slot for its ticket is empty and
 /// the iteration is neither drained nor over, and then the ring's `consumerWaitsFor` holds
 /// that ticket (it is -1 otherwise).
@@ -39,8 +40,8 @@ import Synchronization
 /// |------------------------------|-----------------------------------|--------|
 /// | `feederMayPull(delivered)`   | over                              | `.stop` |
 /// |                              | `fed - delivered < window`        | `.pull` |
-/// |                              | otherwise                         | `.wait` (then `feederParked`) |
-/// | `feederParked`               | over / room (re-checked after raising `feederWaits`) | resume at once with false / true |
+/// |                              | otherwise                         | `.wait` (then it parks) |
+/// | feeder parks (`waitForRoom`) | over / room (re-checked after raising `feederWaits`) | resume at once with false / true |
 /// |                              | otherwise                         | park; the consumer's credit report wakes it |
 /// | `elementArrived(e)`          | over                              | dropped; the feeder stops |
 /// |                              | —                                 | append to `input`; wake an idle worker unless enough are already waking |
@@ -51,8 +52,8 @@ import Synchronization
 /// |                              | otherwise                         | `.wait` (then `workerParked`) |
 /// | result published (no lock)   | the consumer waits for its ticket | take the lock and wake it |
 /// | `consumerCheck(ticket)`      | failed / ended / drained (`sourceHasEnded && fed == ticket`) | `.failed` / `.finished` / `.finished` |
-/// |                              | otherwise                         | `.wait` (then `consumerParked`) |
-/// | `consumerParked(ticket)`     | over, drained, cancelled, or the slot filled (re-checked after publishing `consumerWaitsFor`) | resume at once |
+/// |                              | otherwise                         | `.wait` (then it parks) |
+/// | consumer parks (`consumerWait`) | over, drained, cancelled (the flag is cleared), or the slot filled (re-checked after publishing `consumerWaitsFor`) | resume at once |
 /// |                              | otherwise                         | park |
 /// | credits returned (`delivered` += n, no lock) | the feeder waits and now has room | take the lock and wake it |
 /// | `consumerCancelled`          | consumer parked                   | resume it (it throws unless its result came meanwhile) |
@@ -131,6 +132,7 @@ struct MapStreamState<Element> {
         var workers: [UnsafeContinuation<Bool, Never>] = []
         swap(&workers, &idleWorkers)
         wakingWorkers += workers.count
+        // (The caller clears the ring's `consumerWaitsFor` when a consumer is returned.)
         return (workers, consumer != nil && isDrained(at: consumerWaitsFor) ? takeConsumer() : nil)
     }
 
@@ -351,9 +353,14 @@ struct MapStreamRing<Value>: @unchecked Sendable {
         stamps[ticket % window].load(ordering: .sequentiallyConsistent) == ticket
     }
 
+    /// Draws the next completion-order ticket. Acquiring and releasing: the worker that
+    /// draws ticket `t` may not be the one whose element's pull made slot `t % window` free;
+    /// each draw continues the release sequence of the draws before it, so the write that
+    /// follows is ordered after the consumer's move-out of ticket `t - window`, whoever
+    /// pulled and drew in between. (Relaxed here was a data race ThreadSanitizer reported.)
     @inlinable
     func nextTicket() -> Int {
-        counters[Self.ticketsIndex].wrappingAdd(1, ordering: .relaxed).oldValue
+        counters[Self.ticketsIndex].wrappingAdd(1, ordering: .acquiringAndReleasing).oldValue
     }
 
     @inlinable var delivered: Int { counters[Self.deliveredIndex].load(ordering: .acquiring) }

@@ -402,14 +402,16 @@ final class MapStreamCore<Base: AsyncSequence & Sendable, Transformed: Sendable>
                 fail(error)
                 return
             }
-            publish(value, ticket: fed)
             if let cells {
                 // In flight until the consumer returns it, or dropped if the consumer ended
-                // first: `consumerEnded` counts what it finds published, this what it did not.
+                // first: `consumerEnded` counts what it finds counted here (published or about
+                // to be, and never taken), this what it did not. Counted before it is
+                // published, so that the consumer cannot take it uncounted.
                 let counted = ring.soloFed.pointee
                     .compareExchange(expected: fed, desired: fed + 1, ordering: .sequentiallyConsistent).exchanged
                 if !counted { cells.recordDropped(1) }
             }
+            publish(value, ticket: fed)
             fed += 1
         }
     }
@@ -466,7 +468,9 @@ final class MapStreamCore<Base: AsyncSequence & Sendable, Transformed: Sendable>
         let (workers, consumer) = state.withLock { state in
             if let soloFed { state.fed = soloFed }
             let waitsFor = ring.consumerWaitsFor.pointee.load(ordering: .relaxed)
-            return state.sourceEnded(consumerWaitsFor: waitsFor)
+            let woken = state.sourceEnded(consumerWaitsFor: waitsFor)
+            if woken.consumer != nil { ring.consumerWaitsFor.pointee.store(-1, ordering: .relaxed) }
+            return woken
         }
         for worker in workers { worker.resume(returning: true) }
         consumer?.resume()
@@ -581,7 +585,13 @@ final class MapStreamCore<Base: AsyncSequence & Sendable, Transformed: Sendable>
         await withTaskCancellationHandler {
             await withUnsafeContinuation { continuation in
                 let parked = state.withLock { state -> Bool in
-                    if state.isOver || state.isDrained(at: ticket) || state.consumerWasCancelled { return false }
+                    if state.consumerWasCancelled {
+                        // Once: the caller checks its task's cancellation before it waits
+                        // again (an iterator may go on in another task).
+                        state.consumerWasCancelled = false
+                        return false
+                    }
+                    if state.isOver || state.isDrained(at: ticket) { return false }
                     let waitsFor = ring.consumerWaitsFor
                     waitsFor.pointee.store(ticket, ordering: .sequentiallyConsistent)
                     if ring.isPublished(ticket) {
