@@ -177,9 +177,11 @@ struct MapStreamIterator<Base: AsyncSequence & Sendable, Transformed: Sendable> 
     @inlinable
     nonisolated(nonsending)
     mutating func next() async throws -> Transformed? {
-        let core = handle.core
         while !finished {
+            // Before anything else touches the core: binding it costs a retain and a
+            // release, on a reference count the producers share.
             if let value = handle.takeReady() { return value }
+            let core = handle.core
             let ticket = handle.ticket
             if !handle.started {
                 // In the shared handle, not in this struct: a copy of the iterator must not
