@@ -1,4 +1,5 @@
 import DequeModule
+import Synchronization
 
 /// The state of a ``Batcher``: the open batch that submitters add to, the sealed batches
 /// waiting for a handler slot, and the two tasks of `run()` that act on them (the supervisor,
@@ -381,6 +382,16 @@ final class BatchOutcome<Output: Sendable>: Sendable {
     @usableFromInline
     let state = LockedState(State())
 
+    /// The result once the batch is complete, for callers that come after: written once,
+    /// before `isComplete` is set (releasing), and read only after `isComplete` is seen
+    /// (acquiring), so without the lock. Most callers collect their result long after their
+    /// batch completed, and a hundred of them (from as many tasks) share this object: taking
+    /// its lock twice each made the adders of batch.throughput sleep on it in the kernel.
+    @usableFromInline
+    nonisolated(unsafe) var completed: State?
+    @usableFromInline
+    let isComplete = Atomic<Bool>(false)
+
     @usableFromInline
     init() {}
 
@@ -388,6 +399,12 @@ final class BatchOutcome<Output: Sendable>: Sendable {
     /// waiter is resumed) when the calling task is cancelled.
     @inlinable
     func value(slot: Int, onCancel: @escaping @Sendable () -> Void) async throws -> Output {
+        if isComplete.load(ordering: .acquiring) {
+            // Read in place: a copy of the outcome would retain the outputs' buffer, one
+            // reference count for the whole batch, bounced between the callers' cores.
+            guard let result = completed.unsafelyUnwrapped.value(at: slot) else { throw DeadlineContext.cancellationError() }
+            return try result.get()
+        }
         let id: Int? = state.withLock { state in
             if state.result != nil { return nil }
             defer { state.nextWaiterID += 1 }
@@ -422,6 +439,11 @@ final class BatchOutcome<Output: Sendable>: Sendable {
     /// Stores the batch's result and resumes its waiters.
     @usableFromInline
     func complete(_ result: Result<[Output], any Error>, slotToOutput: [Int]?) {
+        var published = State()
+        published.result = result
+        published.slotToOutput = slotToOutput
+        completed = published
+        isComplete.store(true, ordering: .releasing)
         let resumptions = state.withLock { state in
             state.result = result
             state.slotToOutput = slotToOutput

@@ -271,6 +271,20 @@ struct BatcherTests {
     /// A cancelled caller's handler withdraws its item (batcher lock), then removes its waiter
     /// (the batch's lock). If the batch is closed, sent and completed between the two, the
     /// completion must not look up the withdrawn slot's output. (White-box: drives that order.)
+    /// Callers that come after their batch completed read the result without waiting (and
+    /// without the outcome's lock): their own output, the batch's error, or cancellation for
+    /// a withdrawn slot.
+    @Test func aCompletedBatch_answersLateCallers() async throws {
+        let outcome = BatchOutcome<Int>()
+        outcome.complete(.success([20, 30]), slotToOutput: [0, -1, 1])
+        #expect(try await outcome.value(slot: 0) {} == 20)
+        #expect(try await outcome.value(slot: 2) {} == 30)
+        await #expect(throws: CancellationError.self) { try await outcome.value(slot: 1) {} }
+        let failed = BatchOutcome<Int>()
+        failed.complete(.failure(TestFailure(id: 1)), slotToOutput: nil)
+        await #expect(throws: TestFailure(id: 1)) { try await failed.value(slot: 0) {} }
+    }
+
     @Test func completionBetweenWithdrawalAndWaiterRemoval_cancelsTheCaller() async throws {
         let state = LockedState(BatcherState<Int, Int, ContinuousClock>(
             maxSize: 10, maxDelay: .seconds(60), maxConcurrentBatches: 1, clock: ContinuousClock()
