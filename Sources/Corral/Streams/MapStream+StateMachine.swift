@@ -279,12 +279,18 @@ struct MapStreamState<Element> {
 @usableFromInline
 struct MapStreamRing<Value>: @unchecked Sendable {
     // @unchecked Sendable: no lock guards this storage. Every stored property is a `let`;
-    // the memory they point to is reached only through atomics (`stamps`, `counters`) or,
-    // for `values`, under the slot protocol above: one producer writes a slot before it
-    // publishes the stamp, and one consumer reads it after it sees the stamp.
+    // the memory they point to is reached only through atomics (the slots' stamps and the
+    // counters) or, for a slot's value, under the slot protocol above: one producer writes
+    // it before it publishes the stamp, and one consumer reads it after it sees the stamp.
     @usableFromInline let window: Int
-    @usableFromInline let stamps: UnsafeMutablePointer<Atomic<Int>>
-    @usableFromInline let values: UnsafeMutablePointer<Value>
+    /// The slots: slot `k` is `slotBytes` bytes at `slots + k * slotBytes`, its stamp first
+    /// and its value at `valueOffset`, so that publishing or taking a result touches one
+    /// cache line. Up to 4,096 slots, a slot is padded to a cache line of its own: the
+    /// workers writing neighbouring tickets, and the consumer reading them, then do not
+    /// take each other's lines (fan.out_in ~320 -> ~305 ns).
+    @usableFromInline let slots: UnsafeMutableRawPointer
+    @usableFromInline let slotBytes: Int
+    @usableFromInline let valueOffset: Int
     /// The shared counters, each on a cache line of its own (see the `…Index` constants).
     @usableFromInline let counters: UnsafeMutablePointer<Atomic<Int>>
 
@@ -298,30 +304,48 @@ struct MapStreamRing<Value>: @unchecked Sendable {
     @usableFromInline static var feederWaitsIndex: Int { 48 }
     /// 1 once the iteration is over (failed or ended by the consumer).
     @usableFromInline static var overIndex: Int { 64 }
-    /// A lone worker's published results, for a stage's in-flight count (see `soloPublished`).
+    /// A lone worker's published results, for a stage's in-flight count (see `solo()`).
     @usableFromInline static var soloFedIndex: Int { 80 }
     @usableFromInline static var counterCount: Int { 81 }
+    /// Rings up to this many slots give each slot a cache line of its own.
+    @usableFromInline static var paddedWindowLimit: Int { 4096 }
 
     @inlinable
     init(window: Int) {
         self.window = window
-        stamps = .allocate(capacity: window)
-        for slot in 0..<window { (stamps + slot).initialize(to: Atomic(-1)) }
-        values = .allocate(capacity: window)
+        let alignment = Swift.max(MemoryLayout<Atomic<Int>>.alignment, MemoryLayout<Value>.alignment)
+        valueOffset = (MemoryLayout<Atomic<Int>>.stride + alignment - 1) / alignment * alignment
+        var bytes = (valueOffset + MemoryLayout<Value>.stride + alignment - 1) / alignment * alignment
+        if window <= Self.paddedWindowLimit { bytes = (bytes + 63) / 64 * 64 }
+        slotBytes = bytes
+        slots = .allocate(byteCount: window * bytes, alignment: Swift.max(64, alignment))
+        for slot in 0..<window {
+            (slots + slot * bytes).bindMemory(to: Atomic<Int>.self, capacity: 1).initialize(to: Atomic(-1))
+            (slots + slot * bytes + valueOffset).bindMemory(to: Value.self, capacity: 1)
+        }
         counters = .allocate(capacity: Self.counterCount)
         for index in 0..<Self.counterCount { (counters + index).initialize(to: Atomic(0)) }
         counters[Self.consumerWaitsForIndex].store(-1, ordering: .relaxed)
     }
 
+    @inlinable
+    func stamp(_ slot: Int) -> UnsafeMutablePointer<Atomic<Int>> {
+        (slots + slot * slotBytes).assumingMemoryBound(to: Atomic<Int>.self)
+    }
+
+    @inlinable
+    func value(_ slot: Int) -> UnsafeMutablePointer<Value> {
+        (slots + slot * slotBytes + valueOffset).assumingMemoryBound(to: Value.self)
+    }
+
     /// Frees the ring, with the results nobody took. Only when every party is gone.
     @usableFromInline
     func deallocate() {
-        for slot in 0..<window where stamps[slot].load(ordering: .acquiring) != -1 {
-            (values + slot).deinitialize(count: 1)
+        for slot in 0..<window {
+            if stamp(slot).pointee.load(ordering: .acquiring) != -1 { value(slot).deinitialize(count: 1) }
+            stamp(slot).deinitialize(count: 1)
         }
-        stamps.deinitialize(count: window)
-        stamps.deallocate()
-        values.deallocate()
+        slots.deallocate()
         counters.deinitialize(count: Self.counterCount)
         counters.deallocate()
     }
@@ -330,8 +354,8 @@ struct MapStreamRing<Value>: @unchecked Sendable {
     @inlinable
     func publish(_ value: consuming Value, ticket: Int) -> Bool {
         let slot = ticket % window
-        (values + slot).initialize(to: value)
-        stamps[slot].store(ticket, ordering: .sequentiallyConsistent)
+        self.value(slot).initialize(to: value)
+        stamp(slot).pointee.store(ticket, ordering: .sequentiallyConsistent)
         return counters[Self.consumerWaitsForIndex].load(ordering: .sequentiallyConsistent) == ticket
     }
 
@@ -340,9 +364,10 @@ struct MapStreamRing<Value>: @unchecked Sendable {
     @inlinable
     func take(_ ticket: Int) -> Value? {
         let slot = ticket % window
-        guard stamps[slot].load(ordering: .acquiring) == ticket else { return nil }
-        let value = (values + slot).move()
-        stamps[slot].store(-1, ordering: .relaxed)
+        let stamp = stamp(slot)
+        guard stamp.pointee.load(ordering: .acquiring) == ticket else { return nil }
+        let value = value(slot).move()
+        stamp.pointee.store(-1, ordering: .relaxed)
         return value
     }
 
@@ -350,7 +375,7 @@ struct MapStreamRing<Value>: @unchecked Sendable {
     /// re-check before it parks).
     @inlinable
     func isPublished(_ ticket: Int) -> Bool {
-        stamps[ticket % window].load(ordering: .sequentiallyConsistent) == ticket
+        stamp(ticket % window).pointee.load(ordering: .sequentiallyConsistent) == ticket
     }
 
     /// Draws the next completion-order ticket. Acquiring and releasing: the worker that
