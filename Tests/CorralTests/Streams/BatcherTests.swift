@@ -268,9 +268,6 @@ struct BatcherTests {
         }
     }
 
-    /// A cancelled caller's handler withdraws its item (batcher lock), then removes its waiter
-    /// (the batch's lock). If the batch is closed, sent and completed between the two, the
-    /// completion must not look up the withdrawn slot's output. (White-box: drives that order.)
     /// Callers that come after their batch completed read the result without waiting (and
     /// without the outcome's lock): their own output, the batch's error, or cancellation for
     /// a withdrawn slot.
@@ -285,6 +282,9 @@ struct BatcherTests {
         await #expect(throws: TestFailure(id: 1)) { try await failed.value(slot: 0) {} }
     }
 
+    /// A cancelled caller's handler withdraws its item (batcher lock), then removes its waiter
+    /// (the batch's lock). If the batch is closed, sent and completed between the two, the
+    /// completion must not look up the withdrawn slot's output. (White-box: drives that order.)
     @Test func completionBetweenWithdrawalAndWaiterRemoval_cancelsTheCaller() async throws {
         let state = LockedState(BatcherState<Int, Int, ContinuousClock>(
             maxSize: 10, maxDelay: .seconds(60), maxConcurrentBatches: 1, clock: ContinuousClock()

@@ -152,7 +152,9 @@ struct PipelineTests {
             .stage("c", buffer: 4) { $0 }
         var iterator = pipeline.makeAsyncIterator()
         #expect(try await iterator.next() == 0)
-        await waitUntil("the last buffer fills") { pipeline.stats.received == 4 }
+        // (At least: the stage takes another element as soon as the consumer returns one,
+        // so the count may already be past 4 when it is read.)
+        await waitUntil("the last buffer fills") { pipeline.stats.received >= 4 }
         for _ in 0..<2_000 { await Task.yield() }
         // Each stage holds at most its buffer of elements it took and has not returned: the
         // source is at most 3 + 5 + 4 ahead of the one element the consumer took.
@@ -182,7 +184,7 @@ struct PipelineTests {
             return count
         }
         // "fast" fills its buffer and waits for room; "after" has nothing to do.
-        await waitUntil("fast is full") { pipeline.pipelineStats[0].received == 2 }
+        await waitUntil("fast is full") { pipeline.pipelineStats[0].received >= 2 }
         for _ in 0..<100 { await Task.yield() }
         gate.release()
         #expect(try await consumer.value == 40)
