@@ -267,6 +267,7 @@ final class ErrorGroupStorage: Sendable {
             case .exit:
                 return
             case .park(let id):
+                await Task.yield()
                 let outcome = await state.suspend { state, continuation in
                     state.workerSuspended(id, continuation)
                 } onCancel: { state in

@@ -259,6 +259,7 @@ final class WorkerPoolStorage: Sendable {
             case .park(let id, let idleTimeout):
                 let timer = idleTimeout.map { IdleTimerScope(deadline: .now + $0, storage: self, waiter: id) }
                 if let timer { DeadlineTimer.shared.arm(timer) }
+                await Task.yield()
                 let outcome = await state.suspend { state, continuation in
                     state.workerSuspended(id, continuation)
                 } onCancel: { state in

@@ -180,6 +180,7 @@ struct MapStreamIterator<Base: AsyncSequence & Sendable, Transformed: Sendable> 
     @inlinable
     nonisolated(nonsending)
     mutating func next() async throws -> Transformed? {
+        var yielded = false
         while !finished {
             // Before anything else touches the core: binding it costs a retain and a
             // release, on a reference count the producers share.
@@ -205,6 +206,11 @@ struct MapStreamIterator<Base: AsyncSequence & Sendable, Transformed: Sendable> 
                 if Task.isCancelled {
                     finish()
                     throw DeadlineContext.cancellationError()
+                }
+                if !yielded {
+                    yielded = true
+                    await Task.yield()
+                    continue
                 }
                 if let downstream = StreamDownstream.stageCounters.get() {
                     // This consumer is the lone worker of a pipeline stage: its wait here
@@ -523,6 +529,7 @@ final class MapStreamCore<Base: AsyncSequence & Sendable, Transformed: Sendable>
         var batch: [(index: Int, element: Element)] = []
         batch.reserveCapacity(16)
         var wasWoken = false
+        var yielded = false
         while true {
             let action = state.withLock { $0.workerTake(into: &batch, wasWoken: wasWoken) }
             wasWoken = false
@@ -530,6 +537,11 @@ final class MapStreamCore<Base: AsyncSequence & Sendable, Transformed: Sendable>
             case .exit:
                 return
             case .wait:
+                if !yielded {
+                    yielded = true
+                    await Task.yield()
+                    continue
+                }
                 let start = cells.map { _ in ContinuousClock.now }
                 let again = await withUnsafeContinuation { continuation in
                     if let (continuation, again) = state.withLock({ $0.workerParked(continuation) }) {
@@ -554,6 +566,7 @@ final class MapStreamCore<Base: AsyncSequence & Sendable, Transformed: Sendable>
                     if ring.isOver { return }
                 }
                 batch.removeAll(keepingCapacity: true)
+                yielded = false
             }
         }
     }
