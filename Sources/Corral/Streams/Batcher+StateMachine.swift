@@ -399,11 +399,16 @@ final class BatchOutcome<Output: Sendable>: Sendable {
     /// waiter is resumed) when the calling task is cancelled.
     @inlinable
     func value(slot: Int, onCancel: @escaping @Sendable () -> Void) async throws -> Output {
-        if isComplete.load(ordering: .acquiring) {
-            // Read in place: a copy of the outcome would retain the outputs' buffer, one
-            // reference count for the whole batch, bounced between the callers' cores.
-            guard let result = completed.unsafelyUnwrapped.value(at: slot) else { throw DeadlineContext.cancellationError() }
-            return try result.get()
+        for attempt in 0..<2 {
+            if isComplete.load(ordering: .acquiring) {
+                // Read in place: a copy of the outcome would retain the outputs' buffer, one
+                // reference count for the whole batch, bounced between the callers' cores.
+                guard let result = completed.unsafelyUnwrapped.value(at: slot) else { throw DeadlineContext.cancellationError() }
+                return try result.get()
+            }
+            // Not complete yet: yield once (its handler may be finishing on the other core)
+            // before waiting, which costs a park and a wake-up.
+            if attempt == 0 { await Task.yield() }
         }
         let id: Int? = state.withLock { state in
             if state.result != nil { return nil }
