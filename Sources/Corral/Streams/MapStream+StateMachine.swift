@@ -49,10 +49,10 @@ import Synchronization
 /// | `workerTake`                 | over                              | `.exit` |
 /// |                              | `input` non-empty                 | take a chunk, `.work` |
 /// |                              | source ended                      | `.exit` |
-/// |                              | otherwise                         | `.wait` (then `workerParked`) |
+/// |                              | otherwise                         | `.wait`: the worker yields once and looks again, then parks (`workerParked`) |
 /// | result published (no lock)   | the consumer waits for its ticket | take the lock and wake it |
 /// | `consumerCheck(ticket)`      | failed / ended / drained (`sourceHasEnded && fed == ticket`) | `.failed` / `.finished` / `.finished` |
-/// |                              | otherwise                         | `.wait` (then it parks) |
+/// |                              | otherwise                         | `.wait`: the consumer yields once and looks again (a park and its wake-up cost far more), then parks |
 /// | consumer parks (`consumerWait`) | over, drained, cancelled (the flag is cleared), or the slot filled (re-checked after publishing `consumerWaitsFor`) | resume at once |
 /// |                              | otherwise                         | park |
 /// | credits returned (`delivered` += n, no lock) | the feeder waits and now has room | take the lock and wake it |
