@@ -28,7 +28,7 @@ struct GroupJob: @unchecked Sendable {
 /// | `workerMayRun`        | group cancelled                                  | the task it was handed never starts; the worker exits |
 /// | `jobFinished`         | a job is queued                                  | run it; admit the first parked adder's job into the queue |
 /// |                       | body finished or group cancelled                 | the worker exits |
-/// |                       | otherwise                                        | the worker parks (idle) |
+/// |                       | otherwise                                        | the worker parks (idle; it yields once before it suspends) |
 /// | `taskFailed(error)`   | `CancellationError` in a cancelled group         | ignored: a consequence, not a failure |
 /// |                       | `.collectAll`                                    | recorded, in order |
 /// |                       | `.cancelAll`, first error                        | recorded, group cancelled |

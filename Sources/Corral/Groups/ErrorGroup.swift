@@ -267,6 +267,8 @@ final class ErrorGroupStorage: Sendable {
             case .exit:
                 return
             case .park(let id):
+                // Listed as idle already: yield once first, so that a task added meanwhile
+                // is handed over without the cost of a park and a wake-up.
                 await Task.yield()
                 let outcome = await state.suspend { state, continuation in
                     state.workerSuspended(id, continuation)

@@ -259,6 +259,8 @@ final class WorkerPoolStorage: Sendable {
             case .park(let id, let idleTimeout):
                 let timer = idleTimeout.map { IdleTimerScope(deadline: .now + $0, storage: self, waiter: id) }
                 if let timer { DeadlineTimer.shared.arm(timer) }
+                // Listed as idle already: yield once first, so that a job submitted meanwhile
+                // is handed over without the cost of a park and a wake-up.
                 await Task.yield()
                 let outcome = await state.suspend { state, continuation in
                     state.workerSuspended(id, continuation)
