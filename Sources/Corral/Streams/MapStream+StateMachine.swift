@@ -399,6 +399,4 @@ struct MapStreamRing<Value>: @unchecked Sendable {
     @inlinable var soloFed: UnsafeMutablePointer<Atomic<Int>> { counters + Self.soloFedIndex }
 
     @inlinable var isOver: Bool { counters[Self.overIndex].load(ordering: .relaxed) != 0 }
-
-    @inlinable var feederWaits: Bool { counters[Self.feederWaitsIndex].load(ordering: .relaxed) != 0 }
 }
