@@ -292,22 +292,22 @@ struct MapStreamRing<Value>: @unchecked Sendable {
     @usableFromInline let slots: UnsafeMutableRawPointer
     @usableFromInline let slotBytes: Int
     @usableFromInline let valueOffset: Int
-    /// The shared counters, each on a cache line of its own (see the `…Index` constants).
-    @usableFromInline let counters: UnsafeMutablePointer<Atomic<Int>>
+    /// The shared counters, each on cache lines of its own (see the `…Index` constants).
+    @usableFromInline let counters: PaddedAtomics
 
     /// Credits returned by the consumer: results returned by `next()` and reported.
     @usableFromInline static var deliveredIndex: Int { 0 }
     /// The next completion-order ticket (unordered mode with several workers).
-    @usableFromInline static var ticketsIndex: Int { 16 }
+    @usableFromInline static var ticketsIndex: Int { 1 }
     /// The ticket the parked (or parking) consumer waits for, or -1.
-    @usableFromInline static var consumerWaitsForIndex: Int { 32 }
+    @usableFromInline static var consumerWaitsForIndex: Int { 2 }
     /// 1 while the feeder (or lone worker) is parked for want of credits.
-    @usableFromInline static var feederWaitsIndex: Int { 48 }
+    @usableFromInline static var feederWaitsIndex: Int { 3 }
     /// 1 once the iteration is over (failed or ended by the consumer).
-    @usableFromInline static var overIndex: Int { 64 }
+    @usableFromInline static var overIndex: Int { 4 }
     /// A lone worker's published results, for a stage's in-flight count (see `solo()`).
-    @usableFromInline static var soloFedIndex: Int { 80 }
-    @usableFromInline static var counterCount: Int { 81 }
+    @usableFromInline static var soloFedIndex: Int { 5 }
+    @usableFromInline static var counterCount: Int { 6 }
     /// Rings up to this many slots give each slot a cache line of its own.
     @usableFromInline static var paddedWindowLimit: Int { 1024 }
 
@@ -324,9 +324,8 @@ struct MapStreamRing<Value>: @unchecked Sendable {
             (slots + slot * bytes).bindMemory(to: Atomic<Int>.self, capacity: 1).initialize(to: Atomic(-1))
             (slots + slot * bytes + valueOffset).bindMemory(to: Value.self, capacity: 1)
         }
-        counters = .allocate(capacity: Self.counterCount)
-        for index in 0..<Self.counterCount { (counters + index).initialize(to: Atomic(0)) }
-        counters[Self.consumerWaitsForIndex].store(-1, ordering: .relaxed)
+        counters = PaddedAtomics(count: Self.counterCount)
+        counters[Self.consumerWaitsForIndex].pointee.store(-1, ordering: .relaxed)
     }
 
     @inlinable
@@ -347,7 +346,6 @@ struct MapStreamRing<Value>: @unchecked Sendable {
             stamp(slot).deinitialize(count: 1)
         }
         slots.deallocate()
-        counters.deinitialize(count: Self.counterCount)
         counters.deallocate()
     }
 
@@ -357,7 +355,7 @@ struct MapStreamRing<Value>: @unchecked Sendable {
         let slot = ticket % window
         self.value(slot).initialize(to: value)
         stamp(slot).pointee.store(ticket, ordering: .sequentiallyConsistent)
-        return counters[Self.consumerWaitsForIndex].load(ordering: .sequentiallyConsistent) == ticket
+        return counters[Self.consumerWaitsForIndex].pointee.load(ordering: .sequentiallyConsistent) == ticket
     }
 
     /// Takes the result with ticket `ticket` if it has been published (`nil` if not; a
@@ -386,17 +384,17 @@ struct MapStreamRing<Value>: @unchecked Sendable {
     /// pulled and drew in between. (Relaxed here was a data race ThreadSanitizer reported.)
     @inlinable
     func nextTicket() -> Int {
-        counters[Self.ticketsIndex].wrappingAdd(1, ordering: .acquiringAndReleasing).oldValue
+        counters[Self.ticketsIndex].pointee.wrappingAdd(1, ordering: .acquiringAndReleasing).oldValue
     }
 
-    @inlinable var delivered: Int { counters[Self.deliveredIndex].load(ordering: .acquiring) }
+    @inlinable var delivered: Int { counters[Self.deliveredIndex].pointee.load(ordering: .acquiring) }
 
     // The counters, by name (a pointer: an `Atomic` cannot be copied into a local).
-    @inlinable var deliveredCounter: UnsafeMutablePointer<Atomic<Int>> { counters + Self.deliveredIndex }
-    @inlinable var consumerWaitsFor: UnsafeMutablePointer<Atomic<Int>> { counters + Self.consumerWaitsForIndex }
-    @inlinable var feederWaitsFlag: UnsafeMutablePointer<Atomic<Int>> { counters + Self.feederWaitsIndex }
-    @inlinable var overFlag: UnsafeMutablePointer<Atomic<Int>> { counters + Self.overIndex }
-    @inlinable var soloFed: UnsafeMutablePointer<Atomic<Int>> { counters + Self.soloFedIndex }
+    @inlinable var deliveredCounter: UnsafeMutablePointer<Atomic<Int>> { counters[Self.deliveredIndex] }
+    @inlinable var consumerWaitsFor: UnsafeMutablePointer<Atomic<Int>> { counters[Self.consumerWaitsForIndex] }
+    @inlinable var feederWaitsFlag: UnsafeMutablePointer<Atomic<Int>> { counters[Self.feederWaitsIndex] }
+    @inlinable var overFlag: UnsafeMutablePointer<Atomic<Int>> { counters[Self.overIndex] }
+    @inlinable var soloFed: UnsafeMutablePointer<Atomic<Int>> { counters[Self.soloFedIndex] }
 
-    @inlinable var isOver: Bool { counters[Self.overIndex].load(ordering: .relaxed) != 0 }
+    @inlinable var isOver: Bool { counters[Self.overIndex].pointee.load(ordering: .relaxed) != 0 }
 }

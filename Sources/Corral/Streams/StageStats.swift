@@ -129,48 +129,44 @@ final class StageCounters: Sendable {
     }
 }
 
-/// A stage's counters, each written by one side of the stage on a cache line of its own: a
-/// struct of one pointer, so that the producer and the consumer record every element
-/// without retaining anything (a shared reference count, or counters written by both sides
-/// on one cache line, would bounce that line between the cores on every element). Its
-/// owner, ``StageCounters``, frees it.
+/// A stage's counters, each on cache lines of its own (``PaddedAtomics``), so that the
+/// producer and the consumer record every element without retaining anything (a shared
+/// reference count, or counters written by both sides on one cache line, would bounce that
+/// line between the cores on every element). Its owner, ``StageCounters``, frees it.
 @usableFromInline
-struct StageCells: @unchecked Sendable {
-    // @unchecked Sendable: one `let` pointer; the memory is reached only through atomics.
-    @usableFromInline let base: UnsafeMutablePointer<Atomic<Int>>
+struct StageCells: Sendable {
+    @usableFromInline let counters: PaddedAtomics
 
     // Written by the stage's producer side (the feeder, or the lone worker).
     @usableFromInline static var received: Int { 0 }
     // Written by the stage's consumer.
-    @usableFromInline static var emitted: Int { 16 }
-    @usableFromInline static var leftOut: Int { 17 }
+    @usableFromInline static var emitted: Int { 1 }
+    @usableFromInline static var leftOut: Int { 2 }
     // Written at the end of an iteration, on errors and on waits.
-    @usableFromInline static var dropped: Int { 32 }
-    @usableFromInline static var skipped: Int { 33 }
-    @usableFromInline static var retried: Int { 34 }
-    @usableFromInline static var inputWait: Int { 48 }
-    @usableFromInline static var outputWait: Int { 64 }
-    @usableFromInline static var count: Int { 65 }
+    @usableFromInline static var dropped: Int { 3 }
+    @usableFromInline static var skipped: Int { 4 }
+    @usableFromInline static var retried: Int { 5 }
+    @usableFromInline static var inputWait: Int { 6 }
+    @usableFromInline static var outputWait: Int { 7 }
+    @usableFromInline static var count: Int { 8 }
 
     @usableFromInline
     init() {
-        base = .allocate(capacity: Self.count)
-        for index in 0..<Self.count { (base + index).initialize(to: Atomic(0)) }
+        counters = PaddedAtomics(count: Self.count)
     }
 
     func deallocate() {
-        base.deinitialize(count: Self.count)
-        base.deallocate()
+        counters.deallocate()
     }
 
     @inlinable
     func add(_ value: Int, to counter: Int) {
-        base[counter].wrappingAdd(value, ordering: .releasing)
+        counters[counter].pointee.wrappingAdd(value, ordering: .releasing)
     }
 
     @inlinable
     func load(_ counter: Int) -> Int {
-        base[counter].load(ordering: .acquiring)
+        counters[counter].pointee.load(ordering: .acquiring)
     }
 
     /// An element taken from upstream: in flight from now.
