@@ -42,14 +42,14 @@ public struct JobHandle<Success: Sendable>: Sendable {
 
 /// A job in a pool.
 ///
-/// Where it is (`placement`) and who waits for its result (`waiters`) are guarded by the
+/// Where it is (`placement`) and who waits for its result (`waiterList`) are guarded by the
 /// pool's lock. Whether it runs is decided by `claim`, an atomic, because a worker starts the
 /// jobs of its batch without taking the lock: the worker's compare-and-swap from `unclaimed`
 /// to `running` races a cancellation's (or an immediate shutdown's) from `unclaimed` to
 /// `dropped`, and exactly one wins.
 class PoolJobBase: @unchecked Sendable {
     // @unchecked Sendable: `claim` is atomic; `placement` and
-    // `waiters` are read and written only with the owning pool's lock (`storage.state`) held;
+    // `waiterList` are read and written only with the owning pool's lock (`storage.state`) held;
     // `recordedEnd` is written by the one worker that won `claim`, before it takes that lock
     // to report, and read under the lock after that report.
     enum Placement {
@@ -79,7 +79,11 @@ class PoolJobBase: @unchecked Sendable {
     /// not with its batch (see `WorkerPoolStateMachine.resultRequested`).
     let waited = Atomic<Bool>(false)
     var placement = Placement.queued
-    var waiters = WaiterQueue<Void, Bool>()
+    /// Who waits for the result; created by the first waiter. Boxed because few jobs are
+    /// waited for: inline, the queue's seven words made a job 145 bytes, above glibc's 128-byte
+    /// fast bins, and every job freed on a worker then took the submitting thread's arena
+    /// lock (measured, pool.throughput).
+    var waiterList: JobWaiters?
     /// How the job ended when it ran: written by its worker before `markRan` (or before the
     /// cancellation that marked it `cancelling` is reported), read under the lock after the
     /// worker has reported its batch.
@@ -98,6 +102,14 @@ class PoolJobBase: @unchecked Sendable {
 
     /// Ends a job that never ran with `error` (overridden by ``PoolJob``).
     func endWithoutRunning(_ error: any Error) { preconditionFailure("PoolJobBase.endWithoutRunning is abstract") }
+
+    /// The waiter list, created if needed. Call with the pool's lock held.
+    func waitersForEnqueue() -> JobWaiters {
+        if let waiterList { return waiterList }
+        let list = JobWaiters()
+        waiterList = list
+        return list
+    }
 
     var isEnded: Bool {
         if case .ended = placement { return true }
@@ -130,6 +142,12 @@ class PoolJobBase: @unchecked Sendable {
     func claimForCancellingItsTask() -> Bool {
         claim.compareExchange(expected: Claim.running, desired: Claim.cancelling, ordering: .acquiringAndReleasing).exchanged
     }
+}
+
+/// The tasks waiting for a job's result (``JobHandle/value``).
+final class JobWaiters: @unchecked Sendable {
+    // @unchecked Sendable: `queue` is read and written only with the owning pool's lock held.
+    var queue = WaiterQueue<Void, Bool>()
 }
 
 /// How a job ended, for the pool's accounting.

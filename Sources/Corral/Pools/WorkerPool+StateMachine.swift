@@ -504,7 +504,8 @@ struct WorkerPoolStateMachine {
         case .cancelled: stats.cancelled += 1
         case .rejected: stats.rejected += 1
         }
-        for waiter in job.waiters.settleAll(with: true) {
+        guard let list = job.waiterList else { return }
+        for waiter in list.queue.settleAll(with: true) {
             waiters.append(waiter.resumption)
         }
     }
@@ -539,7 +540,7 @@ struct WorkerPoolStateMachine {
             finish(job, job.recordedEnd, into: &waiters)
             return .ended(waiters)
         }
-        return .wait(job.waiters.enqueue(()))
+        return .wait(job.waitersForEnqueue().queue.enqueue(()))
     }
 
     /// A worker ran `job`, which someone waits for: publish its end now rather than with the
@@ -551,11 +552,11 @@ struct WorkerPoolStateMachine {
     }
 
     mutating func resultWaiterSuspended(_ job: PoolJobBase, _ id: WaiterID, _ continuation: UnsafeContinuation<Bool, Never>) -> Resumption<Bool>? {
-        job.waiters.suspend(id, continuation: continuation)
+        job.waitersForEnqueue().queue.suspend(id, continuation: continuation)
     }
 
     mutating func resultWaiterCancelled(_ job: PoolJobBase, _ id: WaiterID) -> Resumptions<Bool> {
-        job.waiters.cancel(id, with: false)
+        job.waitersForEnqueue().queue.cancel(id, with: false)
     }
 
     enum CancelAction {

@@ -335,7 +335,7 @@ struct WorkerPoolTests {
         try await withRunningPool(pool) { pool in
             let job = try await pool.submit { try await gate.acquire(); gate.release(); return 3 }
             let awaiter = Task { try await job.value }
-            await waitUntil("the awaiter is waiting") { pool.storage.state.withLock { _ in job.job.waiters.count } == 1 }
+            await waitUntil("the awaiter is waiting") { pool.storage.state.withLock { _ in job.job.waiterList?.queue.count ?? 0 } == 1 }
             awaiter.cancel()
             await #expect(throws: CancellationError.self) { try await awaiter.value }
             gate.release()
