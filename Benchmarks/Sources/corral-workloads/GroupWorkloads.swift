@@ -44,6 +44,19 @@ let groupWorkloads: [Workload] = [
             }
         }
     },
+    Workload(name: "group.cancel_latency", impl: "discarding", n: 1) { _ in
+        try await cancelLatency { tasks, thrower, started, cancelled, release, thrownAt in
+            try await withThrowingDiscardingTaskGroup { group in
+                for index in 0..<tasks {
+                    group.addTask {
+                        try await waitingTask(index, thrower: thrower, started: started, cancelled: cancelled, release: release, thrownAt: thrownAt)
+                    }
+                }
+                while started.value < tasks { await Task.yield() }
+                release.release()
+            }
+        }
+    },
     Workload(name: "group.cancel_latency", impl: "taskgroup", n: 1) { _ in
         try await cancelLatency { tasks, thrower, started, cancelled, release, thrownAt in
             try await withThrowingTaskGroup(of: Void.self) { group in
