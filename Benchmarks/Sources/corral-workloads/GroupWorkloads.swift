@@ -177,6 +177,20 @@ let poolWorkloads: [Workload] = [
             "workers_every_10ms=\(samples.all.map(String.init).joined(separator: ","))",
         ])
     },
+    Workload(name: "pool.throughput", impl: "floor", n: 1_000_000) { n in
+        // Not a pool: what any pool of async jobs must at least do per job, on one task with
+        // no queue and no second thread — allocate a job holding the submitted closure, call
+        // it, free it. A lower bound for `impl=corral` in the same run.
+        let counter = Counter()
+        let elapsed = try await timed {
+            for _ in 0..<n {
+                let job = FloorJob { counter.add(1) }
+                try await job.operation()
+            }
+        }
+        try check(counter.value == n, "counter = \(counter.value), want \(n)")
+        return Measurement(elapsedNanoseconds: elapsed, extra: ["workers=0"])
+    },
     Workload(name: "pool.throughput", impl: "taskgroup", n: 1_000_000) { n in
         // What Swift users write today: a task per job, at most 4 at once (a sliding window).
         let counter = Counter()
@@ -193,6 +207,16 @@ let poolWorkloads: [Workload] = [
         return Measurement(elapsedNanoseconds: elapsed, extra: ["workers=4"])
     },
 ]
+
+/// A job of `pool.throughput impl=floor`: the submitted closure, as a pool stores it.
+private final class FloorJob: Sendable {
+    let operation: @Sendable @isolated(any) () async throws -> Void
+
+    @inline(never)
+    init(_ operation: @escaping @Sendable @isolated(any) () async throws -> Void) {
+        self.operation = operation
+    }
+}
 
 /// Integers appended from one task and read after.
 final class SampleLog: Sendable {
