@@ -160,12 +160,15 @@ enum JobEnd: Sendable {
 
 /// A job with its typed operation and result.
 final class PoolJob<Success: Sendable>: PoolJobBase, @unchecked Sendable {
-    // @unchecked Sendable: `operation` is read once, by the worker that won `claim`;
+    // @unchecked Sendable: `operation` is read once, by the worker that won `claim`, or
+    // cleared once, by whoever won it to drop the job (then under the pool's lock);
     // `value` and `error` are written once (one of them) — by that worker before it publishes
     // the end under the pool's lock, or under the lock for a job that never ran — and read
     // only after that publication.
     // `acceptedAt` is written once, at init.
-    private let operation: @isolated(any) () async throws -> Success
+    /// `nil` once the job was dropped without running, so that what it captured is released
+    /// at once, not when the job is.
+    private var operation: (@isolated(any) () async throws -> Success)?
     // Two fields rather than a `Result`: this code is not specialized for the user's
     // `Success`, and a generic `Result` costs a metadata lookup per job (measured, pool.throughput).
     private var value: Success?
@@ -183,6 +186,7 @@ final class PoolJob<Success: Sendable>: PoolJobBase, @unchecked Sendable {
     override func run(observer: (any WorkerPoolObserver)?) async -> JobEnd {
         let startedAt = acceptedAt == nil ? nil : ContinuousClock.now
         let end: JobEnd
+        guard let operation else { preconditionFailure("PoolJob: a job that was dropped was run") }
         do {
             value = try await operation()
             end = .completed
@@ -205,6 +209,7 @@ final class PoolJob<Success: Sendable>: PoolJobBase, @unchecked Sendable {
 
     override func endWithoutRunning(_ error: any Error) {
         self.error = error
+        operation = nil
     }
 
     /// The published result. Call only once the job has ended.

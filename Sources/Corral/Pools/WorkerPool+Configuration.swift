@@ -77,7 +77,11 @@ extension WorkerPool {
         /// most 64 — so that short jobs cost one lock per batch rather than one per job. The
         /// jobs a worker has taken and not started yet still wait: they count against this
         /// capacity (and in ``WorkerPool/Stats/queued``), so what waits never exceeds it.
-        public var queueCapacity: Int
+        ///
+        /// - Precondition: `queueCapacity >= 0`, checked when it is set.
+        public var queueCapacity: Int {
+            didSet { Self.checkQueueCapacity(queueCapacity) }
+        }
         /// The pool's name, used in diagnostics (``PoolError``, leak reports).
         public var name: String
         /// Told about every job that ran, with its times (for latency metrics); `nil` (the
@@ -93,11 +97,15 @@ extension WorkerPool {
             name: String = "WorkerPool",
             observer: (any WorkerPoolObserver)? = nil
         ) {
-            precondition(queueCapacity >= 0, "WorkerPool.Configuration: queueCapacity must be 0 or more, got \(queueCapacity)")
+            Self.checkQueueCapacity(queueCapacity)
             self.workers = workers
             self.queueCapacity = queueCapacity
             self.name = name
             self.observer = observer
+        }
+
+        static func checkQueueCapacity(_ queueCapacity: Int) {
+            precondition(queueCapacity >= 0, "WorkerPool.Configuration: queueCapacity must be 0 or more, got \(queueCapacity)")
         }
     }
 

@@ -90,6 +90,10 @@ struct WorkerPoolStateMachine {
     /// The most jobs a worker takes at once.
     static let maximumBatch = 64
 
+    /// Tombstones (queued jobs cancelled) the queue may hold beyond its live jobs before it is
+    /// compacted.
+    static let tombstoneSlack = 32
+
     let name: String
     let minimumWorkers: Int
     let maximumWorkers: Int
@@ -152,10 +156,13 @@ struct WorkerPoolStateMachine {
         // the counters (and diagnostics' progress, metrics) follow the jobs. The claim says
         // which: `recordedEnd` is written before a job is marked ran.
         for worker in workers.values where worker.holdsBatch {
+            // Of the jobs not started, all wait but the one the (busy) worker is about to
+            // start: as in `waitingCount`, a batch holds `count - 1` jobs ahead.
+            var waiting = 0
             for job in worker.batch where !job.isEnded {
                 switch job.claim.load(ordering: .acquiring) {
                 case PoolJobBase.Claim.unclaimed:
-                    stats.queued += 1
+                    waiting += 1
                 case PoolJobBase.Claim.ran:
                     switch job.recordedEnd {
                     case .completed: stats.completed += 1
@@ -167,6 +174,7 @@ struct WorkerPoolStateMachine {
                     break  // running, or ended without running (already counted)
                 }
             }
+            stats.queued += Swift.min(waiting, worker.batch.count - 1)
         }
         return stats
     }
@@ -183,7 +191,10 @@ struct WorkerPoolStateMachine {
             stats.refused += 1
             return .refused
         }
-        if !wakePending || queueCapacity == 0, let worker = idle.settleFirst(with: .batch([job])) {
+        // While a woken worker has not started yet, new jobs queue for the running workers
+        // rather than wake another idle one per job — unless there is no room in the queue:
+        // an idle worker is then the room.
+        if !wakePending || waitingCount >= queueCapacity, let worker = idle.settleFirst(with: .batch([job])) {
             stats.submitted += 1
             wakePending = true
             assign([job], to: worker.payload)
@@ -412,10 +423,25 @@ struct WorkerPoolStateMachine {
     }
 
     /// A worker handed a job while idle is running again: let the next idle worker be woken
-    /// for the jobs still queued.
-    mutating func workerWoke() -> Resumption<WorkerOutcome>? {
+    /// for the jobs still queued; then, as for any job leaving the queue (`queueShrank`), let
+    /// waiting submitters in and start an elastic worker if jobs still wait with none idle.
+    mutating func workerWoke(into resumptions: inout ReadyResumptions) {
         wakePending = false
-        return wakeIdleWorker()
+        if let woken = wakeIdleWorker() { resumptions.workers.append(woken) }
+        queueShrank(into: &resumptions)
+    }
+
+    /// Jobs left the queue, or an idle worker was handed one, other than through a worker's
+    /// report (`workerReady` does the same): at or below the low watermark, submitters waiting
+    /// for room come in; an elastic pool starts a worker if jobs wait and none is idle. Without
+    /// this, a submitter could wait for room in an empty queue, or a queued job for a worker
+    /// that is never started, until some running job ends — for ever, if those jobs wait for
+    /// it.
+    private mutating func queueShrank(into resumptions: inout ReadyResumptions) {
+        if lifecycle == .accepting && waitingCount <= lowWatermark {
+            admitSubmitters(into: &resumptions.submitters)
+        }
+        if let supervisor = startWorkerIfUseful() { resumptions.supervisor = supervisor }
     }
 
     private mutating func wakeIdleWorker() -> Resumption<WorkerOutcome>? {
@@ -434,22 +460,24 @@ struct WorkerPoolStateMachine {
     }
 
     /// An idle worker's timer fired: it exits if it is still idle and the pool is above `min`.
-    mutating func idleTimerFired(_ id: WaiterID) -> Resumption<WorkerOutcome>? {
-        guard liveWorkers > minimumWorkers else { return nil }
+    mutating func idleTimerFired(_ id: WaiterID, into resumptions: inout ReadyResumptions) {
+        guard liveWorkers > minimumWorkers else { return }
         while let first = queue.first, first.isEnded { queue.removeFirst() }  // tombstones
         if let job = queue.first {
             // Jobs are queued (a wake-up is on its way to another idle worker): this worker
             // is needed, not surplus. It takes the first job, and parks again with a new
-            // timer once idle (returning nil here would leave it idle with no timer at all).
-            guard let woken = idle.settle(id, with: .batch([job])) else { return nil }
+            // timer once idle (leaving it here would leave it idle with no timer at all).
+            guard let woken = idle.settle(id, with: .batch([job])) else { return }
             queue.removeFirst()
             queuedCount -= 1
             assign([job], to: woken.payload)
-            return woken.resumption
+            resumptions.workers.append(woken.resumption)
+            queueShrank(into: &resumptions)
+            return
         }
-        guard let left = idle.settle(id, with: .exit) else { return nil }
+        guard let left = idle.settle(id, with: .exit) else { return }
         liveWorkers -= 1
-        return left.resumption
+        resumptions.workers.append(left.resumption)
     }
 
     /// An idle worker's task was cancelled (`run()`'s task was cancelled): it exits.
@@ -571,10 +599,15 @@ struct WorkerPoolStateMachine {
         var waiters = Resumptions<Bool>()
         switch job.placement {
         case .queued:
-            // Ends now; stays in the queue as a tombstone until popped.
+            // Ends now (its closure released); stays in the queue as a tombstone until popped,
+            // or until tombstones outnumber the jobs queued: callers that submit and cancel
+            // while the workers are busy must not grow the queue without bound.
             _ = job.claimForDropping()
             queuedCount -= 1
             drop(job, .cancelled, error: CancellationError(), into: &waiters)
+            if queue.count - queuedCount > Swift.max(Self.tombstoneSlack, queuedCount) {
+                queue.removeAll { $0.isEnded }
+            }
             // Its place in the queue is free: submitters waiting for room may come in.
             var submitters = Resumptions<SubmitOutcome>()
             if waitingCount <= lowWatermark { admitSubmitters(into: &submitters) }
@@ -659,4 +692,12 @@ struct ReadyResumptions {
     var supervisor: Resumption<WorkerPoolStateMachine.SupervisorEvent>?
     /// The reported batch: released after the lock, since releasing may deallocate the jobs.
     var released: [PoolJobBase] = []
+
+    /// Resumes everyone, once the lock is released.
+    func resumeAll() {
+        waiters.resumeAll()
+        submitters.resumeAll()
+        workers.resumeAll()
+        supervisor?.resume()
+    }
 }

@@ -51,7 +51,14 @@ public final class WorkerPool: Sendable {
     let storage: WorkerPoolStorage
 
     /// Creates a pool; its workers start when ``run()`` is called.
+    ///
+    /// A pool released without having run (``run()`` holds the pool while it runs) shuts down
+    /// immediately: the handles of the jobs it had queued throw ``PoolError`` (code
+    /// `.shutdown`) rather than wait for ever.
+    ///
+    /// - Precondition: `configuration.queueCapacity >= 0`.
     public init(_ configuration: Configuration) {
+        Configuration.checkQueueCapacity(configuration.queueCapacity)
         self.configuration = configuration
         self.storage = WorkerPoolStorage(configuration)
         DiagnosticsRegistry.shared.add(self, kind: "WorkerPool", name: configuration.name) { pool in
@@ -68,6 +75,12 @@ public final class WorkerPool: Sendable {
                 ]
             )
         }
+    }
+
+    deinit {
+        // Nothing can run the jobs still queued, nor submit more: end them, so that no handle
+        // waits for ever (a no-op once the pool has shut down).
+        storage.shutdown(immediate: true)
     }
 
     /// The pool's name.
@@ -245,10 +258,7 @@ final class WorkerPoolStorage: Sendable {
             jobs = []  // let the state machine reuse the batch's storage
             var resumptions = ReadyResumptions()
             let action = state.withLock { $0.workerReady(worker, into: &resumptions) }
-            resumptions.waiters.resumeAll()
-            resumptions.submitters.resumeAll()
-            resumptions.workers.resumeAll()
-            resumptions.supervisor?.resume()
+            resumptions.resumeAll()
             switch action {
             case .run(let batch):
                 jobs = batch
@@ -270,7 +280,9 @@ final class WorkerPoolStorage: Sendable {
                 if let timer { DeadlineTimer.shared.disarm(timer) }
                 switch outcome {
                 case .batch(let batch):
-                    state.withLock { $0.workerWoke() }?.resume()
+                    var woke = ReadyResumptions()
+                    state.withLock { $0.workerWoke(into: &woke) }
+                    woke.resumeAll()
                     jobs = batch
                 case .exit:
                     break work
@@ -354,7 +366,9 @@ final class IdleTimerScope: DeadlineScope, @unchecked Sendable {
     }
 
     override func fire() {
-        storage.state.withLock { $0.idleTimerFired(waiter) }?.resume()
+        var resumptions = ReadyResumptions()
+        storage.state.withLock { $0.idleTimerFired(waiter, into: &resumptions) }
+        resumptions.resumeAll()
     }
 }
 

@@ -101,6 +101,15 @@ struct PoolPreconditionTests {
         }
     }
 
+    @Test func poolQueueCapacitySetNegativeAfterInit() async {
+        // The configuration's properties are public vars: init's check alone let this through.
+        await #expect(processExitsWith: .failure) {
+            var configuration = WorkerPool.Configuration(workers: .fixed(1), queueCapacity: 1)
+            configuration.queueCapacity = -1
+            _ = WorkerPool(configuration)
+        }
+    }
+
     @Test func runningAPoolTwice() async {
         await #expect(processExitsWith: .failure) {
             let pool = WorkerPool(.init(workers: .fixed(1), queueCapacity: 1))

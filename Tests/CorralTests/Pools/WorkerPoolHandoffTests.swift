@@ -1,0 +1,99 @@
+@testable import Corral
+import CorralTesting
+import Testing
+
+/// Jobs handed to idle workers while another idle worker is being woken, jobs cancelled in the
+/// queue, and pools released without running: the cases in which work used to wait for a job
+/// to end that might never end.
+@Suite("WorkerPool hand-offs")
+struct WorkerPoolHandoffTests {
+    /// Holds jobs until released.
+    private static func gated(_ pool: WorkerPool, _ gate: AsyncSemaphore) throws -> JobHandle<Void> {
+        try pool.trySubmit { try await gate.acquire(); gate.release() }
+    }
+
+    @Test func aFullQueue_withAnIdleWorker_takesTheJob_insteadOfRefusingIt() async throws {
+        let pool = WorkerPool(.init(workers: .fixed(2), queueCapacity: 1))
+        try await withRunningPool(pool) { pool in
+            await waitUntil("both workers idle") { pool.stats.idle == 2 }
+            let gate = AsyncSemaphore(permits: 1)
+            try await gate.acquire()
+            _ = try Self.gated(pool, gate)  // handed to the first idle worker
+            _ = try Self.gated(pool, gate)  // queued while that worker wakes, or handed to the second
+            // The second worker may still be idle: then it takes this one, full queue or not.
+            let third = try pool.trySubmit { 3 }
+            #expect(pool.stats.queued <= 1, "more waits than the capacity: \(pool.stats)")
+            gate.release()
+            #expect(try await third.value == 3)
+        }
+    }
+
+    @Test func aSubmitterNeverWaitsForRoomInAnEmptyQueue() async throws {
+        let pool = WorkerPool(.init(workers: .fixed(2), queueCapacity: 1))
+        try await withRunningPool(pool) { pool in
+            await waitUntil("both workers idle") { pool.stats.idle == 2 }
+            let gate = AsyncSemaphore(permits: 1)
+            try await gate.acquire()
+            _ = try Self.gated(pool, gate)
+            _ = try Self.gated(pool, gate)
+            // Both workers end up busy until the gate opens, which happens only after this job
+            // is accepted: a submitter left waiting with the queue empty would never be let in.
+            let third = Task { try await pool.submit { 3 } }
+            await waitUntil("the third job accepted") { pool.stats.submitted == 3 }
+            gate.release()
+            #expect(try await third.value.value == 3)
+        }
+    }
+
+    @Test func anElasticPool_startsAWorker_whenTheLastIdleOneIsHandedAQueuedJob() async throws {
+        let pool = WorkerPool(.init(workers: .elastic(min: 2, max: 3, idleTimeout: .seconds(60)), queueCapacity: 4))
+        try await withRunningPool(pool) { pool in
+            await waitUntil("both workers idle") { pool.stats.idle == 2 }
+            let gate = AsyncSemaphore(permits: 1)
+            try await gate.acquire()
+            // Two jobs that wait for a third: only a third worker can run it.
+            _ = try Self.gated(pool, gate)
+            _ = try Self.gated(pool, gate)
+            let opened = Gauge()
+            _ = try pool.trySubmit { opened.add(1); gate.release() }
+            await waitUntil("the third job ran") { opened.current == 1 }
+            if opened.current == 0 { gate.release() }  // (the failure is recorded: let the pool drain)
+            await waitUntil("every job completed") { pool.stats.completed == 3 }
+            #expect(pool.stats.peakBusy == 3)
+        }
+    }
+
+    @Test func jobsCancelledInTheQueue_releaseWhatTheyCaptured_andDoNotPileUp() async throws {
+        final class Payload: Sendable {}
+        final class WeakPayload: @unchecked Sendable {
+            // @unchecked Sendable: written once at init, read by the test's task only.
+            weak var object: Payload?
+            init(_ object: Payload) { self.object = object }
+        }
+        let pool = WorkerPool(.init(workers: .fixed(1), queueCapacity: 4))
+        try await withRunningPool(pool) { pool in
+            let gate = AsyncSemaphore(permits: 1)
+            try await gate.acquire()
+            _ = try Self.gated(pool, gate)
+            await waitUntil("the worker busy") { pool.stats.busy == 1 }
+            var payloads: [WeakPayload] = []
+            for _ in 0..<2_000 {
+                let payload = Payload()
+                payloads.append(WeakPayload(payload))
+                try pool.trySubmit { _ = payload }.cancel()
+            }
+            #expect(payloads.allSatisfy { $0.object == nil }, "cancelled jobs still hold what they captured")
+            let held = pool.storage.state.withLock { $0.queue.count }
+            #expect(held <= 4 + WorkerPoolStateMachine.tombstoneSlack, "\(held) jobs held in the queue")
+            #expect(pool.stats.cancelled == 2_000)
+            gate.release()
+        }
+    }
+
+    @Test func aPoolReleasedWithoutRunning_failsItsQueuedJobs() async throws {
+        var pool: WorkerPool? = WorkerPool(.init(workers: .fixed(1), queueCapacity: 4))
+        let handle = try pool!.trySubmit { 1 }
+        pool = nil
+        await #expect(throws: PoolError.self) { try await handle.value }
+    }
+}
