@@ -16,7 +16,7 @@ import DequeModule
 /// | event                    | condition                                   | effect |
 /// |--------------------------|---------------------------------------------|--------|
 /// | `submitRequested(job)`   | shut down                                   | `.refused` |
-/// |                          | an idle worker, no wake-up pending (or a rendezvous pool) | hand the job to it |
+/// |                          | an idle worker, and no wake-up pending or no room in the queue | hand the job to it |
 /// |                          | room in the queue, no submitter parked      | enqueue (elastic: start a worker if none is idle and fewer than `max` live) |
 /// |                          | otherwise                                   | the submitter parks with its job (`trySubmit`: `.queueFull`) |
 /// | `workerReady(w)`         | —                                           | report `w`'s last batch: publish each result that ran, put back any it did not start |
@@ -25,13 +25,16 @@ import DequeModule
 /// |                          | a submitter is parked (rendezvous pool)     | take its job; it is accepted |
 /// |                          | shut down                                   | `w` exits, and so do the idle workers |
 /// |                          | otherwise                                   | `w` parks (elastic, above `min`: with an idle timer) |
+/// | `workerWoke(w)`          | —                                           | no wake-up pending; hand the first queued job to the next idle worker; then as *queue shrank* |
 /// | `idleTimerFired(w)`      | `w` still idle, more than `min` live, nothing queued | `w` exits |
-/// |                          | `w` still idle, jobs queued                 | `w` takes the first (it is needed) |
+/// |                          | `w` still idle, jobs queued                 | `w` takes the first (it is needed); then as *queue shrank* |
+/// | *queue shrank*           | accepting, at or below the low watermark    | admit parked submitters while there is room |
+/// |                          | elastic, jobs queued, none idle, below `max` | start a worker |
 /// | `resultRequested(j)`     | ended                                       | read the result |
 /// |                          | it ran, its worker has not reported it      | publish its end now (see `resultRequested`) |
 /// |                          | otherwise                                   | flag it waited-for; the waiter parks on it |
 /// | `ranJobWaitedFor(j)`     | not yet published                           | publish its end now, without waiting for the batch's report |
-/// | `cancelRequested(j)`     | queued                                      | end it (cancelled), tombstone in the queue; at or below the low watermark, admit parked submitters |
+/// | `cancelRequested(j)`     | queued                                      | end it (cancelled; its closure released), tombstone in the queue (compacted once tombstones outnumber live jobs, beyond a slack of 32); at or below the low watermark, admit parked submitters |
 /// |                          | in a batch, not started                     | win its claim, end it (cancelled) |
 /// |                          | running                                     | mark its worker; cancel the worker's task (outside the lock) |
 /// | `shutdown(.graceful)`    | accepting                                   | draining; parked submitters refused; idle workers take queued jobs or exit |
