@@ -67,7 +67,7 @@ struct SemaphoreStateMachine {
 
     mutating func permitsReleased(_ permits: Int) -> Resumptions<Outcome> {
         precondition(
-            available + permits <= capacity,
+            permits <= capacity - available,
             "AsyncSemaphore.release(\(permits)): releasing more permits than were acquired (\(capacity - available) of \(capacity) are held)"
         )
         available += permits

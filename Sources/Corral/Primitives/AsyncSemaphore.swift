@@ -169,7 +169,7 @@ public final class AsyncSemaphore: Sendable {
     public func release(_ permits: Int = 1) {
         // The fast path is inlined into the caller: one compare-and-swap, no call.
         let current = fastPermits.load(ordering: .relaxed)
-        if permits > 0 && current >= 0 && current + permits <= capacity {
+        if permits > 0 && current >= 0 && permits <= capacity - current {
             let (exchanged, _) = fastPermits.weakCompareExchange(
                 expected: current, desired: current + permits,
                 successOrdering: .releasing, failureOrdering: .relaxed
@@ -185,7 +185,7 @@ public final class AsyncSemaphore: Sendable {
         var current = fastPermits.load(ordering: .relaxed)
         while current >= 0 {
             precondition(
-                current + permits <= capacity,
+                permits <= capacity - current,
                 "AsyncSemaphore.release(\(permits)): releasing more permits than were acquired (\(capacity - current) of \(capacity) are held)"
             )
             let (exchanged, original) = fastPermits.weakCompareExchange(

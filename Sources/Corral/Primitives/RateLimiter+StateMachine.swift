@@ -51,15 +51,35 @@ struct RateLimiterStateMachine<Instant: InstantProtocol> where Instant.Duration 
     @usableFromInline let tokenCost: Duration
     @usableFromInline let burst: Int
     @usableFromInline let tolerance: Duration
+    /// The most tokens whose cost is computed exactly; more cost ``horizon``.
+    @usableFromInline let maximumExactTokens: Int
     @usableFromInline var tat: Instant?
     @usableFromInline var hasHead = false
     @usableFromInline var line = WaiterQueue<Int, Outcome>()
+
+    /// The farthest ahead the limiter computes: 2^40 s, some 35,000 years. The cost of a
+    /// request, and the burst's tolerance, are clamped to it, so that a huge burst (`.max`,
+    /// "no burst limit") or request cannot overflow `Duration` or the clock's instants.
+    @inlinable
+    static var horizon: Duration { .seconds(Int64(1) << 40) }
 
     @inlinable
     init(tokenCost: Duration, burst: Int) {
         self.tokenCost = tokenCost
         self.burst = burst
-        self.tolerance = tokenCost * burst
+        if tokenCost == .zero {
+            maximumExactTokens = .max
+        } else {
+            let ratio = Self.horizon / tokenCost
+            maximumExactTokens = ratio >= Double(Int.max) ? .max : Int(ratio)
+        }
+        self.tolerance = burst >= maximumExactTokens ? Self.horizon : tokenCost * burst
+    }
+
+    /// What `tokens` tokens cost, clamped to ``horizon``.
+    @inlinable
+    func cost(_ tokens: Int) -> Duration {
+        tokens >= maximumExactTokens ? Self.horizon : tokenCost * tokens
     }
 
     /// Waiters right now: the head plus the line.
@@ -129,7 +149,7 @@ struct RateLimiterStateMachine<Instant: InstantProtocol> where Instant.Duration 
     mutating func take(_ tokens: Int, now: Instant) -> Instant? {
         let base: Instant
         if let tat, now < tat { base = tat } else { base = now }
-        let newTat = base.advanced(by: tokenCost * tokens)
+        let newTat = base.advanced(by: cost(tokens))
         if now.duration(to: newTat) <= tolerance {
             tat = newTat
             return nil

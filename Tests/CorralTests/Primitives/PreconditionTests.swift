@@ -31,6 +31,17 @@ struct PreconditionTests {
         }
     }
 
+    @Test func semaphoreReleasingFarMoreThanAcquired_namesTheCall() async {
+        // `current + permits` overflowed before the check: a trap without a message.
+        let result = await #expect(processExitsWith: .failure, observing: [\.standardErrorContent]) {
+            let semaphore = AsyncSemaphore(permits: 2)
+            try? await semaphore.acquire(1)
+            semaphore.release(Int.max)
+        }
+        let text = String(decoding: result?.standardErrorContent ?? [], as: UTF8.self)
+        #expect(text.contains("AsyncSemaphore.release"), "stderr: \(text)")
+    }
+
     @Test func channelWithNegativeCapacity() async {
         await #expect(processExitsWith: .failure) { _ = BoundedChannel<Int>(capacity: -1) }
     }

@@ -19,6 +19,19 @@ struct RateLimiterTests {
         #expect(!limiter.tryAcquire())
     }
 
+    @Test func aHugeBurst_isNoBurstLimit_andNeverOverflows() async throws {
+        // `burst: .max` ("no burst limit") and long intervals overflowed Duration (a trap).
+        let clock = ManualClock()
+        let hourly = RateLimiter(rate: 100, per: .seconds(3600), burst: .max, clock: clock)
+        #expect(hourly.tryAcquire(1_000_000))
+        let limiter = RateLimiter(rate: 1, per: .seconds(10), burst: .max, clock: clock)
+        try await limiter.wait(.max)  // the whole (clamped) bucket
+        #expect(!limiter.tryAcquire(.max))
+        #expect(!limiter.tryAcquire())
+        let minutely = RateLimiter(rate: 1, per: .seconds(60), burst: .max, clock: clock)
+        #expect(minutely.tryAcquire(Int.max / 2))
+    }
+
     @Test func wait_returnsAtOnce_whenTokensAreThere() async throws {
         let clock = ManualClock()
         let limiter = RateLimiter(rate: 1, per: .seconds(1), burst: 2, clock: clock)
