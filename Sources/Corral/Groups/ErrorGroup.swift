@@ -228,10 +228,27 @@ final class ErrorGroupStorage: Sendable {
             return
         }
         do {
-            try await job.operation()
+            if let actor = job.operation.isolation {
+                try await run(job, on: actor)
+            } else {
+                try await job.operation()
+            }
         } catch {
             try taskThrew(error)
         }
+    }
+
+    /// Runs an actor-isolated task on its actor, after checking again for cancellation there:
+    /// getting onto the actor may have waited (for the body, say, running on that actor), and
+    /// the group may have been cancelled meanwhile — by a failure that has not cancelled this
+    /// task yet, hence the look at the group's own state. A task not started by then never
+    /// starts.
+    private func run(_ job: GroupJob, on actor: isolated any Actor) async throws {
+        if Task.isCancelled || state.withLock({ $0.isCancelled }) {
+            noteCancellation()
+            return
+        }
+        try await job.operation()
     }
 
     /// A task threw `error`: hands it to the policy. Throws only to make the task group

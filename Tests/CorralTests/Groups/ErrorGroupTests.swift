@@ -2,8 +2,35 @@
 import CorralTesting
 import Testing
 
+@globalActor actor ErrorGroupTestActor {
+    static let shared = ErrorGroupTestActor()
+}
+
+/// The body holds `ErrorGroupTestActor` while another task fails, so that a task isolated to
+/// that actor can only get onto it after the group was cancelled.
+@ErrorGroupTestActor
+private func isolatedTaskAddedBeforeAFailure(limit: Int?) async -> [String] {
+    let log = Log<String>()
+    _ = try? await withErrorGroup(limit: limit) { group in
+        try await group.addTask { @ErrorGroupTestActor in log.append("the isolated task ran") }
+        try await group.addTask { throw TestError(id: 1) }
+        // Spin without suspending: a suspension would let the actor run the isolated task.
+        // (The failing task runs on the cooperative pool's other thread.)
+        let giveUp = ContinuousClock.now + .seconds(30)
+        while !group.isCancelled && ContinuousClock.now < giveUp {}
+        log.append(group.isCancelled ? "group cancelled" : "timed out waiting for the failure")
+    }
+    return log.elements
+}
+
 @Suite("ErrorGroup")
 struct ErrorGroupTests {
+    @Test(arguments: [nil, 2] as [Int?])
+    func anActorIsolatedTask_waitingForItsActor_neverStartsAfterTheFirstError(limit: Int?) async {
+        let log = await isolatedTaskAddedBeforeAFailure(limit: limit)
+        #expect(log == ["group cancelled"])
+    }
+
     @Test(arguments: [nil, 1, 3, 8] as [Int?])
     func everyTaskRuns_andTheBodysValueIsReturned(limit: Int?) async throws {
         let ran = Log<Int>()
