@@ -39,8 +39,9 @@ extension AsyncSequence where Self: Sendable, Element: Sendable {
     ///   - ordered: Whether results keep the order of the source (`true`, the default) or
     ///     come in completion order.
     ///   - buffer: The most elements taken from the source and not yet returned by `next()`.
-    ///     Must be greater than 0; values below `concurrency` limit the concurrency. The
-    ///     default is `max(16, 4 × concurrency)`.
+    ///     Must be greater than 0 and at most 16,777,216 (2²⁴); values below `concurrency`
+    ///     limit the concurrency (no more transform tasks are started than `buffer`). The
+    ///     default is `max(16, 4 × concurrency)`, at most 2²⁴.
     ///   - transform: The transform, called once per element, from several tasks at once.
     ///     It runs on the operator's worker tasks, off any actor (it is
     ///     `nonisolated(nonsending)` so that calling it costs no executor switch; a closure
@@ -76,7 +77,8 @@ extension AsyncSequence where Self: Sendable, Element: Sendable {
     ///   - ordered: Whether results keep the order of the source (`true`, the default) or
     ///     come in completion order.
     ///   - buffer: The most elements taken from the source and not yet returned or left out.
-    ///     Must be greater than 0. The default is `max(16, 4 × concurrency)`.
+    ///     Must be greater than 0 and at most 2²⁴; values below `concurrency` limit the
+    ///     concurrency. The default is `max(16, 4 × concurrency)`, at most 2²⁴.
     ///   - transform: The transform; `nil` leaves the element out.
     /// - Returns: A sequence of the non-`nil` results.
     @inlinable
@@ -97,10 +99,18 @@ extension AsyncSequence where Self: Sendable, Element: Sendable {
 @usableFromInline
 func concurrentWindow(concurrency: Int, buffer: Int?, in function: String) -> Int {
     precondition(concurrency > 0, "\(function)(concurrency:): concurrency must be greater than 0, got \(concurrency)")
-    let window = buffer ?? Swift.max(16, 4 * concurrency)
+    let window = buffer ?? (concurrency > maximumConcurrentWindow / 4 ? maximumConcurrentWindow : Swift.max(16, 4 * concurrency))
     precondition(window > 0, "\(function)(concurrency:buffer:): buffer must be greater than 0, got \(window)")
+    precondition(
+        window <= maximumConcurrentWindow,
+        "\(function)(concurrency:buffer:): buffer must be at most \(maximumConcurrentWindow) (its slots are allocated up front), got \(window)")
     return window
 }
+
+/// The largest `buffer` of the concurrent operators: each iteration allocates its slots up
+/// front. The default buffer, `4 × concurrency`, is clamped to it.
+@usableFromInline
+let maximumConcurrentWindow = 1 << 24
 
 /// The sequence returned by `map(concurrency:ordered:buffer:_:)` and
 /// `compactMap(concurrency:ordered:buffer:_:)`: the base sequence's elements, transformed
@@ -343,6 +353,8 @@ final class MapStreamCore<Base: AsyncSequence & Sendable, Transformed: Sendable>
         base: Base, concurrency: Int, window: Int, ordered: Bool, stats: StageCounters?,
         transform: MapTransform<Element, Transformed>
     ) {
+        // More transforms than the window holds elements could never all be busy.
+        let concurrency = Swift.min(concurrency, window)
         self.stats = stats
         self.cells = stats?.cells
         self.state = LockedState(MapStreamState(window: window, concurrency: concurrency))

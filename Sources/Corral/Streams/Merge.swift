@@ -13,8 +13,11 @@
 /// ``BoundedChannel`` (see the fan-out/fan-in article).
 ///
 /// Each iteration starts one task per source on its first `next()`; the tasks are tracked
-/// (and leak-checked by CorralTesting's `expectNoLeakedTasks`), and each is at most one
-/// element ahead of the consumer: backpressure reaches every source.
+/// (and leak-checked by CorralTesting's `expectNoLeakedTasks`). They share a buffer of one
+/// element per source: together the sources are at most that many elements ahead of the
+/// consumer, plus one each waiting to be buffered, so backpressure reaches every source. The
+/// slots are not reserved per source: a fast source may fill those that slower (or ended)
+/// ones leave free.
 ///
 /// ## Ending, errors and cancellation
 /// - The merged sequence ends (`nil`) once every source has ended.

@@ -49,7 +49,8 @@ extension AsyncSequence where Self: Sendable, Element: Sendable {
     ///   - concurrency: How many elements the stage transforms at once. Must be greater
     ///     than 0. The default is 1.
     ///   - buffer: The most elements the stage takes from upstream and has not passed
-    ///     downstream. Must be greater than 0. The default is `max(16, 4 × concurrency)`.
+    ///     downstream. Must be greater than 0 and at most 2²⁴; values below `concurrency`
+    ///     limit the concurrency. The default is `max(16, 4 × concurrency)`, at most 2²⁴.
     ///   - ordered: Whether the stage keeps the order of its input (the default) or passes
     ///     results on as they are ready.
     ///   - onError: What to do when the transform throws. The default is ``StageErrorPolicy/fail``.

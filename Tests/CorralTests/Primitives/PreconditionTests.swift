@@ -153,6 +153,15 @@ struct StreamPreconditionTests {
         }
     }
 
+    @Test func mapWithAHugeBuffer_namesIt() async {
+        // The slots are allocated up front: Int.max died in the allocator, without a word.
+        let result = await #expect(processExitsWith: .failure, observing: [\.standardErrorContent]) {
+            _ = Counting(range: 0..<1).map(concurrency: 2, buffer: .max) { $0 }
+        }
+        let text = String(decoding: result?.standardErrorContent ?? [], as: UTF8.self)
+        #expect(text.contains("buffer must be at most"), "stderr: \(text)")
+    }
+
     @Test func stageRetryingZeroTimes() async {
         await #expect(processExitsWith: .failure) {
             _ = Counting(range: 0..<1).stage("x", onError: .retry(attempts: 0, backoff: .zero)) { $0 }

@@ -9,6 +9,19 @@ private func jitter() async {
 
 @Suite("map(concurrency:)")
 struct MapStreamTests {
+    @Test func aBufferBelowTheConcurrency_startsNoMoreTransformTasksThanItHolds() async throws {
+        let ledger = TaskLedger()
+        @Sendable func iterate() async throws -> [Int?] {
+            var iterator = Counting(range: 0..<3).map(concurrency: 100_000, buffer: 2) { $0 }.makeAsyncIterator()
+            let first = try await iterator.next()
+            // The feeder and two workers: a buffer of 2 keeps more from ever being busy.
+            #expect(ledger.liveTaskCount <= 3, "\(ledger.liveTasks)")
+            return [first, try await iterator.next(), try await iterator.next(), try await iterator.next()]
+        }
+        let results = try await TaskLedger.$current.withValue(ledger) { try await iterate() }
+        #expect(results == [0, 1, 2, nil])
+    }
+
     @Test(arguments: [(1, 1), (4, 4), (4, 7), (8, 64), (3, 1000)])
     func ordered_keepsTheSourceOrder_underRandomDelays(concurrency: Int, buffer: Int) async throws {
         let count = 400

@@ -141,6 +141,21 @@ struct MergeTests {
         #expect(try await iterator.next() == 2)
     }
 
+    @Test func aFastSource_mayFillTheSlotsOfEndedOnes_butNoMore() async throws {
+        let produced = Gauge()
+        let sources = [
+            Counting(range: 0..<1_000, produced: produced),
+            Counting(range: 0..<0), Counting(range: 0..<0), Counting(range: 0..<0),
+        ]
+        var iterator = merge(sources).makeAsyncIterator()
+        #expect(try await iterator.next() == 0)
+        // One returned, four buffered (a slot per source), one waiting to be buffered.
+        await waitUntil("the source fills the buffer") { produced.current == 6 }
+        for _ in 0..<1_000 { await Task.yield() }
+        #expect(produced.current == 6)
+        for expected in 1..<10 { #expect(try await iterator.next() == expected) }
+    }
+
     @Test func aSourceThrowingAChannelErrorOfItsOwn_failsTheStream() async throws {
         // Only a failed send means "the iteration ended"; a ChannelError thrown by a source
         // (one that reads a closed Corral channel, say) is that source's failure.
