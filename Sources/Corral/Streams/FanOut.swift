@@ -24,9 +24,10 @@ extension AsyncSequence where Self: Sendable, Element: Sendable {
     /// - When the source ends, each consumer ends (`nil`) once the buffer is drained.
     /// - When the source throws, the consumers drain what is buffered (nothing already pulled
     ///   is lost), then each consumer's iteration throws that error.
-    /// - A consumer whose task is cancelled while it waits throws `CancellationError` (or
-    ///   ``TimeoutError``) and ends; the others are unaffected. An element handed to it at
-    ///   that instant is returned by it, never lost.
+    /// - A consumer whose task is cancelled throws `CancellationError` (or ``TimeoutError``)
+    ///   and ends — at once if it waits, else on its next call (taking nothing); the others
+    ///   are unaffected. An element handed to it at that instant is returned by it, never
+    ///   lost.
     /// - Once every consumer sequence (and every iterator made from one) is gone, the task
     ///   pulling the source is cancelled.
     ///
@@ -70,10 +71,15 @@ public struct FanOutSequence<Base: AsyncSequence & Sendable>: AsyncSequence, Sen
         /// buffer is drained.
         ///
         /// - Throws: The source's error (after the buffered elements); `CancellationError` (or
-        ///   ``TimeoutError``) when the consuming task is cancelled while it waits. Either
-        ///   ends this iteration.
+        ///   ``TimeoutError``) when the consuming task is cancelled (checked on every call,
+        ///   before taking an element). Either ends this iteration.
         public mutating func next() async throws -> Element? {
             guard !finished else { return nil }
+            if Task.isCancelled {
+                // Even with elements buffered: a consumer that never waits must still stop.
+                finished = true
+                throw DeadlineContext.cancellationError()
+            }
             do {
                 if let element = try await consumer.storage.next() { return element }
                 finished = true

@@ -29,10 +29,12 @@ extension AsyncSequence where Self: Sendable, Element: Sendable {
     /// - The first error of the source or of a transform ends the sequence with that error
     ///   at once (results not yet returned are dropped), and cancels the transforms still
     ///   running and the source's iteration.
-    /// - When the consuming task is cancelled while it waits, `next()` throws
-    ///   `CancellationError` (``TimeoutError`` when an enclosing deadline passed) and every
-    ///   task of the iteration is cancelled; so they are when the consumer stops iterating
-    ///   early (drops its iterator).
+    /// - When the consuming task is cancelled, `next()` throws `CancellationError`
+    ///   (``TimeoutError`` when an enclosing deadline passed) and every task of the iteration
+    ///   is cancelled: at once if it waits for a result, and otherwise within 64 results (a
+    ///   consumer slower than its transforms never waits; it looks at its cancellation every
+    ///   64 results). So the tasks are cancelled when the consumer stops iterating early
+    ///   (drops its iterator).
     ///
     /// - Parameters:
     ///   - concurrency: The most transforms running at once. Must be greater than 0.
@@ -156,7 +158,8 @@ where Base.Element: Sendable {
         /// and returned.
         ///
         /// - Throws: The first error of the source or of a transform; `CancellationError`
-        ///   (or ``TimeoutError``) when the consuming task is cancelled while it waits.
+        ///   (or ``TimeoutError``) when the consuming task is cancelled — at once if it
+        ///   waits, otherwise within 64 results.
         @inlinable
         nonisolated(nonsending)
         public mutating func next() async throws -> Transformed? {
@@ -190,6 +193,15 @@ struct MapStreamIterator<Base: AsyncSequence & Sendable, Transformed: Sendable> 
     @inlinable
     nonisolated(nonsending)
     mutating func next() async throws -> Transformed? {
+        if !finished && handle.untilCancellationCheck <= 0 {
+            // Due (see `takeReady`): a consumer that never waits must still stop when its
+            // task is cancelled.
+            handle.untilCancellationCheck = MapStreamHandle<Base, Transformed>.cancellationCheckInterval
+            if Task.isCancelled {
+                finish()
+                throw DeadlineContext.cancellationError()
+            }
+        }
         var yielded = false
         while !finished {
             // Before anything else touches the core: binding it costs a retain and a
@@ -256,6 +268,13 @@ final class MapStreamHandle<Base: AsyncSequence & Sendable, Transformed: Sendabl
     @exclusivity(unchecked) @usableFromInline var returned = 0
     /// The iteration's tasks were started (on the first `next()`).
     @exclusivity(unchecked) @usableFromInline var started = false
+    /// Results the fast path may still return before `next()` checks for cancellation.
+    @exclusivity(unchecked) @usableFromInline var untilCancellationCheck = cancellationCheckInterval
+
+    /// How many results the fast path returns between two looks at the consuming task's
+    /// cancellation (one look per result would cost a few percent of a pipeline stage).
+    @inlinable
+    static var cancellationCheckInterval: Int { 64 }
 
     @inlinable
     init(_ core: MapStreamCore<Base, Transformed>) {
@@ -269,8 +288,12 @@ final class MapStreamHandle<Base: AsyncSequence & Sendable, Transformed: Sendabl
     /// touched per element is a cache line bouncing between the cores.
     @inlinable
     func takeReady() -> Transformed? {
+        // Every `cancellationCheckInterval` results, leave it to `next()`'s slow path, which
+        // looks at the task's cancellation first.
+        guard untilCancellationCheck > 0 else { return nil }
         let ring = core.ring
         while !ring.isOver, let entry = ring.take(ticket) {
+            untilCancellationCheck -= 1
             ticket += 1
             returned += 1
             if returned >= core.reportThreshold { core.returnCredits(self) }

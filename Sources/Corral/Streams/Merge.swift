@@ -23,9 +23,10 @@
 /// - The merged sequence ends (`nil`) once every source has ended.
 /// - The first error of any source ends it with that error at once (buffered elements are
 ///   dropped), and the other sources' iterations are cancelled.
-/// - When the consuming task is cancelled while it waits, `next()` throws `CancellationError`
-///   (``TimeoutError`` when an enclosing deadline passed) and the sources' iterations are
-///   cancelled; so they are when the consumer stops iterating early (drops the iterator).
+/// - When the consuming task is cancelled, `next()` throws `CancellationError`
+///   (``TimeoutError`` when an enclosing deadline passed) — at once if it waits, else on its
+///   next call — and the sources' iterations are cancelled; so they are when the consumer
+///   stops iterating early (drops the iterator).
 ///
 /// - Parameter sequences: The sources.
 /// - Returns: A sequence of every element of every source.
@@ -55,7 +56,7 @@ public struct MergedSequence<Source: AsyncSequence & Sendable>: AsyncSequence, S
         /// The next element of any source, or `nil` once every source has ended.
         ///
         /// - Throws: The first error of any source; `CancellationError` (or ``TimeoutError``)
-        ///   when the consuming task is cancelled while it waits.
+        ///   when the consuming task is cancelled (checked on every call).
         public mutating func next() async throws -> Element? {
             try await storage.next()
         }
@@ -92,6 +93,9 @@ final class MergeStorage<Source: AsyncSequence & Sendable>: Sendable where Sourc
             return (!state.started, state.finished)
         }
         if finished { return nil }
+        // Also when an element is ready: a consumer slower than its sources never waits, and
+        // must still stop when its task is cancelled.
+        if Task.isCancelled { return try end(throwing: DeadlineContext.cancellationError()) }
         if mustStart { startProducers() }
         if let error = tasks.error { return try end(throwing: error) }
         do {

@@ -30,6 +30,15 @@ struct FanOutTests {
         #expect(perConsumer.map(\.current).reduce(0, +) == 1_000)
     }
 
+    @Test func aConsumerThatNeverWaits_stopsWhenCancelled() async throws {
+        try await expectNoLeakedTasks {
+            let parts = Counting(range: 0..<Int.max).fanOut(2, buffer: 8)
+            let (error, after) = await consumeUntilCancelled(parts[0])
+            #expect(error is CancellationError, "ended with \(String(describing: error))")
+            #expect(after <= 1, "\(after) elements after the cancellation")
+        }
+    }
+
     @Test func stalledConsumer_doesNotStallTheOthers() async throws {
         let parts = Counting(range: 0..<300).fanOut(3, buffer: 4)
         var stalled = parts[0].makeAsyncIterator()

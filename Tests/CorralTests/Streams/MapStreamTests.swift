@@ -9,6 +9,16 @@ private func jitter() async {
 
 @Suite("map(concurrency:)")
 struct MapStreamTests {
+    @Test(arguments: [(1, true), (4, true), (4, false)])
+    func aConsumerThatNeverWaits_stopsWithinAFewResults_whenCancelled(concurrency: Int, ordered: Bool) async throws {
+        try await expectNoLeakedTasks {
+            let (error, after) = await consumeUntilCancelled(
+                Counting(range: 0..<Int.max).map(concurrency: concurrency, ordered: ordered) { $0 })
+            #expect(error is CancellationError, "ended with \(String(describing: error))")
+            #expect(after <= 64, "\(after) results after the cancellation")
+        }
+    }
+
     @Test func aBufferBelowTheConcurrency_startsNoMoreTransformTasksThanItHolds() async throws {
         let ledger = TaskLedger()
         @Sendable func iterate() async throws -> [Int?] {

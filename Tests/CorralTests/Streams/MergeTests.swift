@@ -141,6 +141,15 @@ struct MergeTests {
         #expect(try await iterator.next() == 2)
     }
 
+    @Test func aConsumerThatNeverWaits_stopsWhenCancelled() async throws {
+        try await expectNoLeakedTasks {
+            let (error, after) = await consumeUntilCancelled(
+                merge([Counting(range: 0..<Int.max), Counting(range: 0..<Int.max)]))
+            #expect(error is CancellationError, "ended with \(String(describing: error))")
+            #expect(after <= 1, "\(after) elements after the cancellation")
+        }
+    }
+
     @Test func aFastSource_mayFillTheSlotsOfEndedOnes_butNoMore() async throws {
         let produced = Gauge()
         let sources = [

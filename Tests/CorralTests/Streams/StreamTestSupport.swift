@@ -1,3 +1,4 @@
+import Testing
 @testable import Corral
 
 /// `start..<end`, one element per `next()`, counting how many were produced.
@@ -68,4 +69,34 @@ func closedGate() async throws -> AsyncSemaphore {
 
 struct TestFailure: Error, Equatable {
     let id: Int
+}
+
+/// Consumes `sequence` in a task slower than its producers (it never has to wait for an
+/// element), cancels that task once it has consumed 100 elements, and returns how the task
+/// ended and how many elements it took after the cancellation.
+///
+/// The loop gives up by itself 20,000 elements after the cancellation, so that a sequence
+/// that ignores it makes the test fail rather than hang.
+func consumeUntilCancelled<S: AsyncSequence & Sendable>(
+    _ sequence: S
+) async -> (error: (any Error)?, afterCancellation: Int) where S.Element: Sendable {
+    let consumed = Gauge()
+    let consumer = Task {
+        for try await _ in sequence {
+            consumed.add(1)
+            if consumed.current > 20_100 { return }
+            for _ in 0..<20 { await Task.yield() }
+        }
+    }
+    await waitUntil("100 elements consumed") { consumed.current >= 100 }
+    consumer.cancel()
+    let atCancellation = consumed.current
+    let error: (any Error)?
+    do {
+        try await consumer.value
+        error = nil
+    } catch let thrown {
+        error = thrown
+    }
+    return (error, consumed.current - atCancellation)
 }
