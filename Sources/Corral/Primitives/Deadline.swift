@@ -20,6 +20,11 @@ public enum Deadline {
     /// tasks inherit it (it is a task-local value); so do unstructured tasks (`Task { }`),
     /// which the deadline does not cancel, except the tasks of a ``TaskTracker`` and of
     /// Corral's stream operators, which start without one.
+    ///
+    /// A known limit: Corral cannot tell who cancelled a task. In an unstructured task that
+    /// inherited a deadline which has since passed, a cancellation by its owner makes Corral's
+    /// waits throw ``TimeoutError``, not `CancellationError`. Start such a task with
+    /// `Task.detached` (which inherits no task-local value) when the difference matters.
     public static var current: ContinuousClock.Instant? {
         DeadlineContext.scope?.deadline
     }

@@ -36,6 +36,9 @@
 /// cancellation fails its batch with `CancellationError`); ``run()`` then throws
 /// `CancellationError`.
 ///
+/// A batcher released without having run (or with items still buffered) fails the tickets
+/// of those items with ``BatcherError`` (code `.shutdown`).
+///
 /// ## Accounting
 /// Every accepted item ends in exactly one of: handled (its caller got its output), failed
 /// (its caller got the batch's error) or withdrawn (its caller was cancelled while its batch
@@ -152,6 +155,20 @@ public final class Batcher<Item: Sendable, Output: Sendable, C: Clock>: Sendable
             return BatchTicket(outcome: outcome, slot: slot)
         case .refused:
             throw BatcherError.shutdown(batcher: name)
+        }
+    }
+
+    deinit {
+        // Released with items buffered: no run() can hand them to the handler any more (run()
+        // holds the batcher while it runs, and submit() while it waits, so what is left are
+        // enqueue()'s tickets). Fail them, so that no ticket's `value` waits for ever.
+        let abandoned = state.withLock { state -> [BatcherState<Item, Output, C>.SealedBatch] in
+            state.seal(.shutdown)
+            defer { state.sealed.removeAll() }
+            return Array(state.sealed)
+        }
+        for batch in abandoned {
+            batch.outcome.complete(.failure(BatcherError.shutdown(batcher: name)), slotToOutput: batch.slotToOutput)
         }
     }
 

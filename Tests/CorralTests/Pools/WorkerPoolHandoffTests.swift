@@ -94,6 +94,7 @@ struct WorkerPoolHandoffTests {
         var pool: WorkerPool? = WorkerPool(.init(workers: .fixed(1), queueCapacity: 4))
         let handle = try pool!.trySubmit { 1 }
         pool = nil
-        await #expect(throws: PoolError.self) { try await handle.value }
+        // (Bounded: without the fix the handle waited for ever.)
+        await #expect(throws: PoolError.self) { try await withTimeout(.seconds(10)) { try await handle.value } }
     }
 }

@@ -54,6 +54,14 @@ func withBatcher<R: Sendable>(
 
 @Suite("Batcher")
 struct BatcherTests {
+    @Test func aBatcherReleasedWithoutRunning_failsTheTicketsItHeld() async throws {
+        var batcher: Batcher<Int, Int, ContinuousClock>? = Batcher(maxSize: 10, maxDelay: .seconds(60)) { $0 }
+        let ticket = try batcher!.enqueue(1)
+        batcher = nil
+        // (Bounded: without the fix the ticket waited for ever.)
+        await #expect(throws: BatcherError.self) { try await withTimeout(.seconds(10)) { try await ticket.value } }
+    }
+
     @Test func fullBatch_isSentAtOnce_andEachCallerGetsItsOwnResult() async throws {
         let recorder = BatchRecorder()
         try await withBatcher(maxSize: 4, handler: recorder.handle) { batcher, _ async throws in
