@@ -111,16 +111,17 @@ public struct ErrorGroup: ~Copyable {
     /// - Parameter operation: The task. Its error is handled by the group's policy.
     /// - Throws: `CancellationError` when the group was cancelled (a task failed under
     ///   ``ErrorGroupPolicy/cancelAll``, the calling task was cancelled) — before or while
-    ///   waiting; the task was not added.
+    ///   waiting; ``TimeoutError`` instead when an enclosing deadline has passed. The task
+    ///   was not added.
     /// - Complexity: O(1).
     nonisolated(nonsending)
     public mutating func addTask(
         _ operation: sending @escaping @isolated(any) () async throws -> Void
     ) async throws {
         let job = GroupJob(operation: operation)
-        if taskGroup.isCancelled { throw CancellationError() }
+        if taskGroup.isCancelled { throw DeadlineContext.cancellationError() }
         guard storage.limit != nil else {
-            guard storage.acceptsUnlimitedTask() else { throw CancellationError() }
+            guard storage.acceptsUnlimitedTask() else { throw DeadlineContext.cancellationError() }
             startTask(job)
             return
         }
@@ -130,7 +131,7 @@ public struct ErrorGroup: ~Copyable {
         case .accepted(let woken):
             woken?.resume()
         case .rejected:
-            throw CancellationError()
+            throw DeadlineContext.cancellationError()
         case .suspend(let id):
             let outcome = await storage.state.suspend { state, continuation in
                 state.adderSuspended(id, continuation)

@@ -48,6 +48,13 @@
 /// free (a batch that is due while every slot is busy goes on taking items), or until
 /// shutdown.
 ///
+/// ## Handlers that submit
+/// A handler that waits for items of its own batcher (``submit(_:)`` from inside the handler,
+/// as a DataLoader resolver may load more) needs a free handler slot for that inner batch:
+/// with every slot held by handlers waiting that way — with the default
+/// `maxConcurrentBatches` of 1, at the first such call — they wait for each other for ever.
+/// Give such handlers slots to spare, or a second batcher.
+///
 /// ## Backpressure
 /// Each caller waits for its own result, so the items held are bounded by the number of
 /// callers waiting (or, with ``enqueue(_:)``, by the tickets the caller keeps): bound the

@@ -25,6 +25,22 @@ private func isolatedTaskAddedBeforeAFailure(limit: Int?) async -> [String] {
 
 @Suite("ErrorGroup")
 struct ErrorGroupTests {
+    @Test(arguments: [nil, 1] as [Int?])
+    func addTask_afterTheDeadlinePassed_throwsTimeoutError_likeAWaitingOne(limit: Int?) async throws {
+        let thrown = Log<String>()
+        _ = try? await withTimeout(.milliseconds(1)) {
+            try await withErrorGroup(limit: limit) { group in
+                while !Task.isCancelled { await Task.yield() }  // the deadline passes
+                do {
+                    try await group.addTask {}
+                } catch {
+                    thrown.append(String(describing: type(of: error)))
+                }
+            }
+        }
+        #expect(thrown.elements == ["TimeoutError"])
+    }
+
     @Test(arguments: [nil, 2] as [Int?])
     func anActorIsolatedTask_waitingForItsActor_neverStartsAfterTheFirstError(limit: Int?) async {
         let log = await isolatedTaskAddedBeforeAFailure(limit: limit)
