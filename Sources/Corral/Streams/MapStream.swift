@@ -193,17 +193,18 @@ struct MapStreamIterator<Base: AsyncSequence & Sendable, Transformed: Sendable> 
     @inlinable
     nonisolated(nonsending)
     mutating func next() async throws -> Transformed? {
-        if !finished && handle.untilCancellationCheck <= 0 {
-            // Due (see `takeReady`): a consumer that never waits must still stop when its
-            // task is cancelled.
-            handle.untilCancellationCheck = MapStreamHandle<Base, Transformed>.cancellationCheckInterval
-            if Task.isCancelled {
-                finish()
-                throw DeadlineContext.cancellationError()
-            }
-        }
         var yielded = false
         while !finished {
+            if handle.untilCancellationCheck <= 0 {
+                // Due (see `takeReady`, which takes nothing until this is reset — hence here,
+                // in the loop: after 64 results left out in a row it would take nothing more):
+                // a consumer that never waits must still stop when its task is cancelled.
+                handle.untilCancellationCheck = MapStreamHandle<Base, Transformed>.cancellationCheckInterval
+                if Task.isCancelled {
+                    finish()
+                    throw DeadlineContext.cancellationError()
+                }
+            }
             // Before anything else touches the core: binding it costs a retain and a
             // release, on a reference count the producers share.
             if let value = handle.takeReady() { return value }

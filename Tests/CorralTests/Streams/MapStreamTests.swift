@@ -19,6 +19,22 @@ struct MapStreamTests {
         }
     }
 
+    @Test(arguments: [1, 3])
+    func compactMap_leavingOutHundredsInARow_goesOn(concurrency: Int) async throws {
+        // The fast path's cancellation countdown counts left-out results too: once it ran out
+        // inside next()'s loop, nothing more was taken (a livelock).
+        let results = try await expectNoLeakedTasks {
+            try await withTimeout(.seconds(30)) {  // (a regression fails rather than hangs)
+                var results: [Int] = []
+                for try await value in Counting(range: 0..<2_000).compactMap(concurrency: concurrency, buffer: 8, { $0 % 500 == 499 ? $0 : nil }) {
+                    results.append(value)
+                }
+                return results
+            }
+        }
+        #expect(results == [499, 999, 1_499, 1_999])
+    }
+
     @Test func aBufferBelowTheConcurrency_startsNoMoreTransformTasksThanItHolds() async throws {
         let ledger = TaskLedger()
         @Sendable func iterate() async throws -> [Int?] {
