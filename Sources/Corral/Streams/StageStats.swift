@@ -26,9 +26,10 @@ public struct StageStats: Sendable, Hashable, CustomStringConvertible {
     /// Elements taken from upstream and not yet passed downstream or left out, now.
     ///
     /// An element the `.skip` policy left out counts in ``skipped`` at once, and here too
-    /// until the consumer has gone past its place in the buffer: while the consumer is
-    /// behind, `received` may exceed `emitted + skipped + inFlight`'s complement by up to the
-    /// buffer — `received == emitted + inFlight + (skipped elements the consumer has passed)`.
+    /// until the consumer has gone past its place in the buffer. So while the consumer is
+    /// behind, `emitted + skipped + inFlight` may exceed `received` by up to the buffer;
+    /// once the stage is still, `received == emitted + skipped` (less what an early stop
+    /// dropped).
     public var inFlight: Int
     /// Time the stage's workers spent with nothing to transform, summed over the workers.
     ///
