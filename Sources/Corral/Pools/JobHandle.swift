@@ -103,6 +103,12 @@ class PoolJobBase: @unchecked Sendable {
     /// Ends a job that never ran with `error` (overridden by ``PoolJob``).
     func endWithoutRunning(_ error: any Error) { preconditionFailure("PoolJobBase.endWithoutRunning is abstract") }
 
+    /// Releases the closure of a job that ended without running, and with it what the closure
+    /// captured (overridden by ``PoolJob``). Called once, by whoever dropped the job, after
+    /// the pool's lock is released: the captures' deinits are user code, which may even
+    /// release the pool itself (whose deinit takes the lock).
+    func releaseOperation() { preconditionFailure("PoolJobBase.releaseOperation is abstract") }
+
     /// The waiter list, created if needed. Call with the pool's lock held.
     func waitersForEnqueue() -> JobWaiters {
         if let waiterList { return waiterList }
@@ -161,7 +167,7 @@ enum JobEnd: Sendable {
 /// A job with its typed operation and result.
 final class PoolJob<Success: Sendable>: PoolJobBase, @unchecked Sendable {
     // @unchecked Sendable: `operation` is read once, by the worker that won `claim`, or
-    // cleared once, by whoever won it to drop the job (then under the pool's lock);
+    // cleared once, by whoever won it to drop the job (after the pool's lock is released);
     // `value` and `error` are written once (one of them) — by that worker before it publishes
     // the end under the pool's lock, or under the lock for a job that never ran — and read
     // only after that publication.
@@ -209,6 +215,9 @@ final class PoolJob<Success: Sendable>: PoolJobBase, @unchecked Sendable {
 
     override func endWithoutRunning(_ error: any Error) {
         self.error = error
+    }
+
+    override func releaseOperation() {
         operation = nil
     }
 

@@ -177,7 +177,7 @@ struct WorkerPoolStateMachine {
                     break  // running, or ended without running (already counted)
                 }
             }
-            stats.queued += Swift.min(waiting, worker.batch.count - 1)
+            stats.queued += Swift.min(waiting, Swift.max(0, worker.batch.count - 1))
         }
         return stats
     }
@@ -640,6 +640,10 @@ struct WorkerPoolStateMachine {
         var submitters = Resumptions<SubmitOutcome>()
         var waiters = Resumptions<Bool>()
         var supervisor: Resumption<SupervisorEvent>?
+        /// Jobs this shutdown dropped: their closures are released after the lock.
+        var dropped: [PoolJobBase] = []
+        /// Jobs taken out of the queue (tombstones), released after the lock too.
+        var released: [PoolJobBase] = []
     }
 
     mutating func shutdownRequested(immediate: Bool) -> ShutdownResumptions {
@@ -653,14 +657,19 @@ struct WorkerPoolStateMachine {
             lifecycle = .stopping
             let rejection = PoolError.shutdown(pool: name)
             while let job = queue.popFirst() {
-                if job.isEnded { continue }  // cancelled while queued
+                if job.isEnded {  // cancelled while queued
+                    resumptions.released.append(job)
+                    continue
+                }
                 _ = job.claimForDropping()
                 queuedCount -= 1
                 drop(job, .rejected, error: rejection, into: &resumptions.waiters)
+                resumptions.dropped.append(job)
             }
             for worker in workers.values {
                 for job in worker.batch where !job.isEnded && job.claimForDropping() {
                     drop(job, .rejected, error: rejection, into: &resumptions.waiters)
+                    resumptions.dropped.append(job)
                 }
             }
             // Workers asked for but not started are not needed any more.

@@ -54,7 +54,8 @@ public final class WorkerPool: Sendable {
     ///
     /// A pool released without having run (``run()`` holds the pool while it runs) shuts down
     /// immediately: the handles of the jobs it had queued throw ``PoolError`` (code
-    /// `.shutdown`) rather than wait for ever.
+    /// `.shutdown`) rather than wait for ever. (A queued job whose closure captures the pool
+    /// keeps it alive: then only ``shutdown(_:)`` ends those jobs.)
     ///
     /// - Precondition: `configuration.queueCapacity >= 0`.
     public init(_ configuration: Configuration) {
@@ -317,6 +318,7 @@ final class WorkerPoolStorage: Sendable {
         resumptions.submitters.resumeAll()
         resumptions.waiters.resumeAll()
         resumptions.supervisor?.resume()
+        for job in resumptions.dropped { job.releaseOperation() }
     }
 
     /// The result of `job`, waiting until it has ended.
@@ -346,6 +348,7 @@ final class WorkerPoolStorage: Sendable {
         case .ended(let waiters, let submitters):
             waiters.resumeAll()
             submitters.resumeAll()
+            job.releaseOperation()  // (this call dropped it; its captures go outside the lock)
         case .cancelTask(let task, let worker):
             task.cancel()
             state.withLock { $0.jobCancelDelivered(worker) }

@@ -51,7 +51,8 @@ struct RateLimiterStateMachine<Instant: InstantProtocol> where Instant.Duration 
     @usableFromInline let tokenCost: Duration
     @usableFromInline let burst: Int
     @usableFromInline let tolerance: Duration
-    /// The most tokens whose cost is computed exactly; more cost ``horizon``.
+    /// The most tokens whose cost is computed exactly (at most ``horizon``, or any number at a
+    /// zero token cost); more cost ``horizon``.
     @usableFromInline let maximumExactTokens: Int
     @usableFromInline var tat: Instant?
     @usableFromInline var hasHead = false
@@ -73,13 +74,13 @@ struct RateLimiterStateMachine<Instant: InstantProtocol> where Instant.Duration 
             let ratio = Self.horizon / tokenCost
             maximumExactTokens = ratio >= Double(Int.max) ? .max : Int(ratio)
         }
-        self.tolerance = burst >= maximumExactTokens ? Self.horizon : tokenCost * burst
+        self.tolerance = burst > maximumExactTokens ? Self.horizon : tokenCost * burst
     }
 
     /// What `tokens` tokens cost, clamped to ``horizon``.
     @inlinable
     func cost(_ tokens: Int) -> Duration {
-        tokens >= maximumExactTokens ? Self.horizon : tokenCost * tokens
+        tokens > maximumExactTokens ? Self.horizon : tokenCost * tokens
     }
 
     /// Waiters right now: the head plus the line.

@@ -37,7 +37,8 @@
 /// `CancellationError`.
 ///
 /// A batcher released without having run (or with items still buffered) fails the tickets
-/// of those items with ``BatcherError`` (code `.shutdown`).
+/// of those items with ``BatcherError`` (code `.shutdown`). (A handler that captures its
+/// batcher keeps it alive: then only ``shutdown()`` and ``run()`` end them.)
 ///
 /// ## Accounting
 /// Every accepted item ends in exactly one of: handled (its caller got its output), failed

@@ -90,6 +90,42 @@ struct WorkerPoolHandoffTests {
         }
     }
 
+    @Test func cancellingAQueuedJob_releasesItsClosureOutsideTheLock() async throws {
+        // The closure holds the last reference to its pool: releasing it runs the pool's
+        // deinit, which shuts the pool down — under the pool's lock, that deadlocked.
+        var handle: JobHandle<Void>?
+        do {
+            let pool = WorkerPool(.init(workers: .fixed(1), queueCapacity: 4))
+            handle = try pool.trySubmit { _ = pool.name }
+        }
+        let done = Gauge()
+        Task.detached { [handle] in
+            handle?.cancel()
+            done.add(1)
+        }
+        await waitUntil("cancel() returned") { done.current == 1 }
+        await #expect(throws: CancellationError.self) { try await handle?.value }
+    }
+
+    @Test func anImmediateShutdown_releasesDroppedClosuresOutsideTheLock() async throws {
+        final class ReadsStatsWhenReleased: Sendable {
+            let pool: WorkerPool
+            init(_ pool: WorkerPool) { self.pool = pool }
+            deinit { _ = pool.stats }  // takes the pool's lock
+        }
+        let pool = WorkerPool(.init(workers: .fixed(1), queueCapacity: 4))
+        let probe = ReadsStatsWhenReleased(pool)
+        let handle = try pool.trySubmit { _ = probe }
+        _ = consume probe
+        let done = Gauge()
+        Task.detached {
+            pool.shutdown(.immediate)
+            done.add(1)
+        }
+        await waitUntil("shutdown returned") { done.current == 1 }
+        await #expect(throws: PoolError.self) { try await handle.value }
+    }
+
     @Test func aPoolReleasedWithoutRunning_failsItsQueuedJobs() async throws {
         var pool: WorkerPool? = WorkerPool(.init(workers: .fixed(1), queueCapacity: 4))
         let handle = try pool!.trySubmit { 1 }
