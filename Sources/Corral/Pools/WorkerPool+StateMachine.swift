@@ -322,7 +322,7 @@ struct WorkerPoolStateMachine {
     }
 
     /// A worker reports its last batch and wants the next.
-    mutating func workerReady(_ worker: PoolWorker, into resumptions: inout ReadyResumptions) -> WorkerAction {
+    mutating func workerReady(_ worker: PoolWorker, into resumptions: inout PoolResumptions) -> WorkerAction {
         if worker.holdsBatch {
             report(worker, into: &resumptions)
             // The report freed room (jobs taken ahead that have run): with nothing queued no
@@ -392,7 +392,7 @@ struct WorkerPoolStateMachine {
     /// Publishes the results of the jobs `worker` ran, and puts back those it did not start.
     /// The reported jobs are moved to `resumptions.released`, to be released (and most likely
     /// deallocated) after the lock.
-    private mutating func report(_ worker: PoolWorker, into resumptions: inout ReadyResumptions) {
+    private mutating func report(_ worker: PoolWorker, into resumptions: inout PoolResumptions) {
         var putBack = 0
         for job in worker.batch {
             switch job.claim.load(ordering: .acquiring) {
@@ -428,7 +428,7 @@ struct WorkerPoolStateMachine {
     /// A worker handed a job while idle is running again: let the next idle worker be woken
     /// for the jobs still queued; then, as for any job leaving the queue (`queueShrank`), let
     /// waiting submitters in and start an elastic worker if jobs still wait with none idle.
-    mutating func workerWoke(into resumptions: inout ReadyResumptions) {
+    mutating func workerWoke(into resumptions: inout PoolResumptions) {
         wakePending = false
         if let woken = wakeIdleWorker() { resumptions.workers.append(woken) }
         queueShrank(into: &resumptions)
@@ -440,7 +440,7 @@ struct WorkerPoolStateMachine {
     /// this, a submitter could wait for room in an empty queue, or a queued job for a worker
     /// that is never started, until some running job ends — for ever, if those jobs wait for
     /// it.
-    private mutating func queueShrank(into resumptions: inout ReadyResumptions) {
+    private mutating func queueShrank(into resumptions: inout PoolResumptions) {
         if lifecycle == .accepting && waitingCount <= lowWatermark {
             admitSubmitters(into: &resumptions.submitters)
         }
@@ -463,7 +463,7 @@ struct WorkerPoolStateMachine {
     }
 
     /// An idle worker's timer fired: it exits if it is still idle and the pool is above `min`.
-    mutating func idleTimerFired(_ id: WaiterID, into resumptions: inout ReadyResumptions) {
+    mutating func idleTimerFired(_ id: WaiterID, into resumptions: inout PoolResumptions) {
         guard liveWorkers > minimumWorkers else { return }
         while let first = queue.first, first.isEnded { queue.removeFirst() }  // tombstones
         if let job = queue.first {
@@ -506,7 +506,7 @@ struct WorkerPoolStateMachine {
         return notifySupervisor()
     }
 
-    private mutating func retire(replace: Bool, into resumptions: inout ReadyResumptions) -> WorkerAction {
+    private mutating func retire(replace: Bool, into resumptions: inout PoolResumptions) -> WorkerAction {
         liveWorkers -= 1
         let workWaits = queuedCount > 0 || !submitters.isEmpty  // (a rendezvous pool's work waits with its submitters)
         if replace && lifecycle != .stopping && (liveWorkers < minimumWorkers || workWaits) && liveWorkers < maximumWorkers {
@@ -635,19 +635,8 @@ struct WorkerPoolStateMachine {
 
     // MARK: Shutdown
 
-    struct ShutdownResumptions {
-        var workers = Resumptions<WorkerOutcome>()
-        var submitters = Resumptions<SubmitOutcome>()
-        var waiters = Resumptions<Bool>()
-        var supervisor: Resumption<SupervisorEvent>?
-        /// Jobs this shutdown dropped: their closures are released after the lock.
-        var dropped: [PoolJobBase] = []
-        /// Jobs taken out of the queue (tombstones), released after the lock too.
-        var released: [PoolJobBase] = []
-    }
-
-    mutating func shutdownRequested(immediate: Bool) -> ShutdownResumptions {
-        var resumptions = ShutdownResumptions()
+    mutating func shutdownRequested(immediate: Bool) -> PoolResumptions {
+        var resumptions = PoolResumptions()
         switch (lifecycle, immediate) {
         case (.stopping, _), (.draining, false):
             return resumptions
@@ -696,20 +685,27 @@ struct WorkerPoolStateMachine {
     }
 }
 
-/// What a worker must resume after `workerReady`, once the lock is released.
-struct ReadyResumptions {
+/// What must be done once the pool's lock is released, after a worker's report
+/// (`workerReady`), a wake-up, an idle timer or a shutdown.
+struct PoolResumptions {
     var waiters = Resumptions<Bool>()
     var submitters = Resumptions<WorkerPoolStateMachine.SubmitOutcome>()
     var workers = Resumptions<WorkerPoolStateMachine.WorkerOutcome>()
     var supervisor: Resumption<WorkerPoolStateMachine.SupervisorEvent>?
-    /// The reported batch: released after the lock, since releasing may deallocate the jobs.
+    /// Jobs let go of under the lock (a reported batch, tombstones taken out of the queue):
+    /// released after it, since releasing may deallocate them.
     var released: [PoolJobBase] = []
+    /// Jobs dropped without running (by a shutdown): their closures are released after the
+    /// lock, since what they captured may run user code when it goes.
+    var dropped: [PoolJobBase] = []
 
-    /// Resumes everyone, once the lock is released.
+    /// Resumes everyone, then releases the dropped jobs' closures. Call once the lock is
+    /// released.
     func resumeAll() {
         waiters.resumeAll()
         submitters.resumeAll()
         workers.resumeAll()
         supervisor?.resume()
+        for job in dropped { job.releaseOperation() }
     }
 }

@@ -56,10 +56,7 @@ public final class WorkerPool: Sendable {
     /// immediately: the handles of the jobs it had queued throw ``PoolError`` (code
     /// `.shutdown`) rather than wait for ever. (A queued job whose closure captures the pool
     /// keeps it alive: then only ``shutdown(_:)`` ends those jobs.)
-    ///
-    /// - Precondition: `configuration.queueCapacity >= 0`.
     public init(_ configuration: Configuration) {
-        Configuration.checkQueueCapacity(configuration.queueCapacity)
         self.configuration = configuration
         self.storage = WorkerPoolStorage(configuration)
         DiagnosticsRegistry.shared.add(self, kind: "WorkerPool", name: configuration.name) { pool in
@@ -257,7 +254,7 @@ final class WorkerPoolStorage: Sendable {
         var jobs: [PoolJobBase] = []
         work: while true {
             jobs = []  // let the state machine reuse the batch's storage
-            var resumptions = ReadyResumptions()
+            var resumptions = PoolResumptions()
             let action = state.withLock { $0.workerReady(worker, into: &resumptions) }
             resumptions.resumeAll()
             switch action {
@@ -281,7 +278,7 @@ final class WorkerPoolStorage: Sendable {
                 if let timer { DeadlineTimer.shared.disarm(timer) }
                 switch outcome {
                 case .batch(let batch):
-                    var woke = ReadyResumptions()
+                    var woke = PoolResumptions()
                     state.withLock { $0.workerWoke(into: &woke) }
                     woke.resumeAll()
                     jobs = batch
@@ -313,12 +310,7 @@ final class WorkerPoolStorage: Sendable {
     }
 
     func shutdown(immediate: Bool) {
-        let resumptions = state.withLock { $0.shutdownRequested(immediate: immediate) }
-        resumptions.workers.resumeAll()
-        resumptions.submitters.resumeAll()
-        resumptions.waiters.resumeAll()
-        resumptions.supervisor?.resume()
-        for job in resumptions.dropped { job.releaseOperation() }
+        state.withLock { $0.shutdownRequested(immediate: immediate) }.resumeAll()
     }
 
     /// The result of `job`, waiting until it has ended.
@@ -369,7 +361,7 @@ final class IdleTimerScope: DeadlineScope, @unchecked Sendable {
     }
 
     override func fire() {
-        var resumptions = ReadyResumptions()
+        var resumptions = PoolResumptions()
         storage.state.withLock { $0.idleTimerFired(waiter, into: &resumptions) }
         resumptions.resumeAll()
     }
