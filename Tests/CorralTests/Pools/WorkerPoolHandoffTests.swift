@@ -12,14 +12,22 @@ struct WorkerPoolHandoffTests {
         try pool.trySubmit { try await gate.acquire(); gate.release() }
     }
 
+    /// Once the pool's two workers are idle, submits two jobs that wait for the returned gate:
+    /// the first goes to an idle worker, which is then being woken, the second right after.
+    private static func twoJobsBehindAGate(_ pool: WorkerPool) async throws -> AsyncSemaphore {
+        await waitUntil("both workers idle") { pool.stats.idle == 2 }
+        let gate = AsyncSemaphore(permits: 1)
+        try await gate.acquire()
+        _ = try gated(pool, gate)
+        _ = try gated(pool, gate)
+        return gate
+    }
+
     @Test func aFullQueue_withAnIdleWorker_takesTheJob_insteadOfRefusingIt() async throws {
         let pool = WorkerPool(.init(workers: .fixed(2), queueCapacity: 1))
         try await withRunningPool(pool) { pool in
-            await waitUntil("both workers idle") { pool.stats.idle == 2 }
-            let gate = AsyncSemaphore(permits: 1)
-            try await gate.acquire()
-            _ = try Self.gated(pool, gate)  // handed to the first idle worker
-            _ = try Self.gated(pool, gate)  // queued while that worker wakes, or handed to the second
+            // The second job is queued while the first's worker wakes, or handed to the second.
+            let gate = try await Self.twoJobsBehindAGate(pool)
             // The second worker may still be idle: then it takes this one, full queue or not.
             let third = try pool.trySubmit { 3 }
             #expect(pool.stats.queued <= 1, "more waits than the capacity: \(pool.stats)")
@@ -31,11 +39,7 @@ struct WorkerPoolHandoffTests {
     @Test func aSubmitterNeverWaitsForRoomInAnEmptyQueue() async throws {
         let pool = WorkerPool(.init(workers: .fixed(2), queueCapacity: 1))
         try await withRunningPool(pool) { pool in
-            await waitUntil("both workers idle") { pool.stats.idle == 2 }
-            let gate = AsyncSemaphore(permits: 1)
-            try await gate.acquire()
-            _ = try Self.gated(pool, gate)
-            _ = try Self.gated(pool, gate)
+            let gate = try await Self.twoJobsBehindAGate(pool)
             // Both workers end up busy until the gate opens, which happens only after this job
             // is accepted: a submitter left waiting with the queue empty would never be let in.
             let third = Task { try await pool.submit { 3 } }
@@ -48,12 +52,8 @@ struct WorkerPoolHandoffTests {
     @Test func anElasticPool_startsAWorker_whenTheLastIdleOneIsHandedAQueuedJob() async throws {
         let pool = WorkerPool(.init(workers: .elastic(min: 2, max: 3, idleTimeout: .seconds(60)), queueCapacity: 4))
         try await withRunningPool(pool) { pool in
-            await waitUntil("both workers idle") { pool.stats.idle == 2 }
-            let gate = AsyncSemaphore(permits: 1)
-            try await gate.acquire()
             // Two jobs that wait for a third: only a third worker can run it.
-            _ = try Self.gated(pool, gate)
-            _ = try Self.gated(pool, gate)
+            let gate = try await Self.twoJobsBehindAGate(pool)
             let opened = Gauge()
             _ = try pool.trySubmit { opened.add(1); gate.release() }
             await waitUntil("the third job ran") { opened.current == 1 }

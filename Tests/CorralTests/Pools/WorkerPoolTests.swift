@@ -509,7 +509,7 @@ struct WorkerPoolTests {
         let workers = (0..<3).map { _ in PoolWorker() }
         for worker in workers { machine.workerStarted(worker, task: nil) }
         func take(_ worker: PoolWorker) -> [PoolJobBase] {
-            var resumptions = ReadyResumptions()
+            var resumptions = PoolResumptions()
             if case .run(let batch) = machine.workerReady(worker, into: &resumptions) { return batch }
             return []
         }
