@@ -19,25 +19,29 @@ let batchWorkloads: [Workload] = [
                     for adder in 0..<adders {
                         let range = share(n, parts: adders, adder)
                         addersGroup.addTask {
-                            var ring: [(ticket: BatchTicket<Int>, want: Int)?] = Array(repeating: nil, count: window)
-                            var head = 0, size = 0
+                            // The awaits are written in the loops, on plain struct state: a local
+                            // async function would switch executors on entry and on return, and
+                            // local functions capturing the counters would check exclusivity at
+                            // run time, on every item.
+                            var outstanding = Outstanding()
                             var received = 0, wrong = 0, sum = 0
-                            func awaitOldest() async throws {
-                                let (ticket, want) = ring[head]!
-                                ring[head] = nil
-                                head = (head + 1) % window
-                                size -= 1
+                            for x in range {
+                                if outstanding.isFull {
+                                    let (ticket, want) = outstanding.removeOldest()
+                                    let value = try await ticket.value
+                                    received += 1
+                                    sum += value
+                                    if value != want { wrong += 1 }
+                                }
+                                outstanding.append(try batcher.enqueue(x), want: 2 * x)
+                            }
+                            while !outstanding.isEmpty {
+                                let (ticket, want) = outstanding.removeOldest()
                                 let value = try await ticket.value
                                 received += 1
                                 sum += value
                                 if value != want { wrong += 1 }
                             }
-                            for x in range {
-                                if size == window { try await awaitOldest() }
-                                ring[(head + size) % window] = (try batcher.enqueue(x), 2 * x)
-                                size += 1
-                            }
-                            while size > 0 { try await awaitOldest() }
                             return (received, wrong, sum)
                         }
                     }
@@ -64,3 +68,26 @@ let batchWorkloads: [Workload] = [
         ])
     },
 ]
+
+/// An adder's tickets not yet awaited, oldest first: a ring of `window`.
+private struct Outstanding {
+    private var ring: [(ticket: BatchTicket<Int>, want: Int)?] = Array(repeating: nil, count: window)
+    private var head = 0, count = 0
+
+    var isFull: Bool { count == window }
+    var isEmpty: Bool { count == 0 }
+
+    mutating func append(_ ticket: BatchTicket<Int>, want: Int) {
+        ring[(head + count) % window] = (ticket, want)
+        count += 1
+    }
+
+    mutating func removeOldest() -> (ticket: BatchTicket<Int>, want: Int) {
+        defer {
+            ring[head] = nil
+            head = (head + 1) % window
+            count -= 1
+        }
+        return ring[head]!
+    }
+}

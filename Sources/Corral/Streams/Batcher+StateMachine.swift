@@ -1,31 +1,176 @@
 import DequeModule
 import Synchronization
 
-/// The state of a ``Batcher``: the open batch that submitters add to, the sealed batches
-/// waiting for a handler slot, and the two tasks of `run()` that act on them (the supervisor,
-/// which starts handler calls, and the timer, which seals a batch `maxDelay` after its first
-/// item).
+/// The storage of one batch while it takes items: a slot per item up to `maxSize`, claimed
+/// without the batcher's lock.
 ///
-/// A batch is *open* while it takes items (and its items can be withdrawn); *due* once
-/// `maxDelay` has passed since its first item (still open, so that items arriving while every
-/// handler slot is busy join it); *sealed* once it is full, due with a handler slot free, or
-/// flushed by shutdown; and *dispatched* when a handler call starts for it. Its callers wait on its `BatchOutcome`, which has its own lock.
+/// A submitter claims a slot by incrementing `reserved`, writes its item there and counts it
+/// in `written`; the batch is sealed (under the batcher's lock) once its last slot is claimed
+/// or, by the timer, the supervisor or shutdown, by setting the `closed` bit of `reserved`,
+/// after which every claim fails. The handler's task takes the items out once `written`
+/// shows every claimed slot written, and gives the buffer back for another batch.
 ///
-/// Invariants: at most one open batch, holding `1...maxSize` live items (an open batch
-/// whose last item is withdrawn is discarded); `running <= maxConcurrentBatches`; the
-/// supervisor is parked only while it has nothing to do (no sealed batch with a free slot,
-/// and not finishing); the timer is parked only while no batch is open; after shutdown no
-/// batch opens.
+/// Buffers are recycled and stay allocated as long as their batcher: a submitter may read
+/// the batcher's current buffer, be preempted, and claim a slot in it much later. A buffer is
+/// only ever open while it is the batcher's current one, so a late claim either lands in the
+/// open batch of the moment (the same buffer, reopened) or fails on a closed or full one. A
+/// spare buffer keeps its item storage only while few are spare (see
+/// `BatcherState.spareStorageLimit`).
+///
+/// States: *spare* (closed, empty) → *open* (`reserved` < `closed`, the batcher's current
+/// buffer) → *sealed* (closed or full; items being written by the claims made before) →
+/// *collected* (items moved out, back among the spares).
+@usableFromInline
+final class BatchBuffer<Item: Sendable, Output: Sendable>: @unchecked Sendable {
+    // @unchecked Sendable: no single lock guards every field; each has one rule, and
+    // together they hand the buffer from the batcher's lock to submitters and back:
+    // - `reserved` and `written` are atomics.
+    // - `outcome`, `generation` and `storage` are written only under the batcher's lock
+    //   (`Batcher.state`) while the buffer is closed, before `reserved` is reset by a releasing
+    //   store that opens it. A submitter reads them only after a successful claim (an
+    //   acquiring increment of `reserved`), and they are not written again until the buffer
+    //   has been collected, which waits for that submitter's releasing count in `written`.
+    //   The collector clears `outcome` once it has seen every count, before it gives the
+    //   buffer back under the lock.
+    // - `storage[slot]` is initialized by the one submitter that claimed `slot`, before it
+    //   counts it in `written` (releasing); the collector moves it out after it has seen every
+    //   claimed slot counted (acquiring).
+    // - `withdrawn` and `isCollected` are read and written only under the batcher's lock.
+
+    /// The bit of `reserved` that closes the buffer: every claim then fails (`>= capacity`).
+    @usableFromInline static var closed: Int { 1 << 62 }
+
+    /// Slots claimed (the count may run past `capacity` with failed claims), and `closed`.
+    @usableFromInline let reserved = Atomic<Int>(BatchBuffer.closed)
+    /// Claimed slots whose item has been written.
+    @usableFromInline let written = Atomic<Int>(0)
+    // The vars a submitter reads are exempt from dynamic exclusivity checks (the rules above
+    // order every access), which would cost a third of the claim.
+    /// The result of the batch the buffer holds.
+    @usableFromInline @exclusivity(unchecked) var outcome: BatchOutcome<Output>?
+    /// Room for `capacity` items; nil while spare without storage.
+    @usableFromInline @exclusivity(unchecked) var storage: UnsafeMutablePointer<Item>?
+    @usableFromInline let capacity: Int
+    /// Which batch the buffer holds: the batcher's count of batches opened.
+    @usableFromInline @exclusivity(unchecked) var generation = 0
+    /// Slots whose caller was cancelled before the batch was collected.
+    @usableFromInline var withdrawn: [Int] = []
+    /// The items have been taken out for the handler: too late to withdraw one.
+    @usableFromInline var isCollected = false
+
+    @usableFromInline
+    init(capacity: Int) {
+        self.capacity = capacity
+    }
+
+    deinit {
+        // Collected buffers hold no items: only the storage is left to free.
+        storage?.deallocate()
+    }
+
+    /// Claims a slot, or nil when the buffer is full or closed.
+    @inlinable
+    func claim() -> Int? {
+        let slot = reserved.wrappingAdd(1, ordering: .acquiring).oldValue
+        return slot < capacity ? slot : nil
+    }
+
+    /// Writes the item of a claimed slot; returns the batch's outcome and generation.
+    @inlinable
+    func write(_ item: Item, at slot: Int) -> (outcome: BatchOutcome<Output>, generation: Int) {
+        let placed = (outcome.unsafelyUnwrapped, generation)
+        (storage.unsafelyUnwrapped + slot).initialize(to: item)
+        written.wrappingAdd(1, ordering: .releasing)
+        return placed
+    }
+
+    /// Opens the buffer for batch `generation`, with slot 0 claimed by the caller. Call under
+    /// the batcher's lock, with the buffer spare.
+    @usableFromInline
+    func open(generation: Int, outcome: BatchOutcome<Output>) {
+        if storage == nil { storage = .allocate(capacity: capacity) }
+        self.outcome = outcome
+        self.generation = generation
+        withdrawn.removeAll()
+        isCollected = false
+        written.store(0, ordering: .relaxed)
+        reserved.store(1, ordering: .releasing)
+    }
+
+    /// Slots claimed so far (at most `capacity`).
+    @usableFromInline
+    var claimed: Int {
+        Swift.min(reserved.load(ordering: .relaxed) & (Self.closed - 1), capacity)
+    }
+
+    /// Closes the buffer; returns how many slots were claimed (at most `capacity`). Call under
+    /// the batcher's lock.
+    @usableFromInline
+    func close() -> Int {
+        Swift.min(reserved.bitwiseOr(Self.closed, ordering: .relaxed).oldValue & (Self.closed - 1), capacity)
+    }
+
+    /// Waits until the `count` slots claimed before the buffer closed are written, then
+    /// moves their items out and lets go of the outcome. A claim's write takes nanoseconds,
+    /// unless its thread was preempted between the claim and the count: hence the yield.
+    @usableFromInline
+    func takeItems(count: Int) async -> [Item] {
+        while true {
+            if let items = takeItemsIfWritten(count: count) { return items }
+            await Task.yield()
+        }
+    }
+
+    /// The items, moved out, once the `count` claimed slots are written; nil before.
+    @usableFromInline
+    func takeItemsIfWritten(count: Int) -> [Item]? {
+        guard written.load(ordering: .acquiring) >= count else { return nil }
+        let storage = self.storage.unsafelyUnwrapped
+        // No submitter reads `outcome` any more (each read it before its count); the next
+        // batch's is set under the lock. Released here, outside it: the outputs it may hold
+        // are the user's values.
+        outcome = nil
+        // One move of the whole run: this code is not specialized for `Item`, and a loop
+        // would look up its metadata item by item.
+        return Array(unsafeUninitializedCapacity: count) { items, initialized in
+            items.baseAddress.unsafelyUnwrapped.moveInitialize(from: storage, count: count)
+            initialized = count
+        }
+    }
+}
+
+/// The state of a ``Batcher`` behind its lock: the open batch's buffer and deadline, the
+/// sealed batches waiting for a handler slot, and the two tasks of `run()` that act on them
+/// (the supervisor, which starts handler calls, and the timer, which marks a batch due
+/// `maxDelay` after its first item).
+///
+/// Items do not pass through this state: submitters claim slots in the open batch's buffer
+/// without the lock (``BatchBuffer``), and come here only to open a batch (there is none, or
+/// it is full), to seal one they filled, or to withdraw an item.
+///
+/// A batch is *open* while it takes items; *due* once `maxDelay` has passed since its first
+/// item (still open, so that items arriving while every handler slot is busy join it);
+/// *sealed* once it is full, due with a handler slot free, or flushed by shutdown;
+/// *dispatched* when a handler call starts for it; *collected* when that call has taken its
+/// items (withdrawals stop there). Its callers wait on its `BatchOutcome`, which has its own
+/// lock.
+///
+/// Invariants: at most one open batch, whose buffer is the one published to submitters
+/// (`Batcher.current`); `running <= maxConcurrentBatches`; the supervisor is parked only
+/// while it has nothing to do (no sealed batch with a free slot, and not finishing); the
+/// timer is parked only while no batch is open; after shutdown no batch opens.
 ///
 /// Transitions:
 ///
 /// | event                  | condition                               | effect |
 /// |------------------------|-----------------------------------------|--------|
+/// | claim (no lock)        | the open buffer has a free slot         | the item is written there; whoever claims the last slot seals it (`filled`) |
 /// | `enqueue(item)`        | shut down                               | refused (`BatcherError.shutdown`) |
-/// |                        | no open batch                           | open one due at `now + maxDelay`; wake the parked timer |
-/// |                        | —                                       | append; at `maxSize` live items seal it (by size) and wake the supervisor |
-/// | `withdraw(batch, slot)`| the batch is still open                 | mark the slot withdrawn; discard the batch if no item is left |
-/// |                        | sealed                                  | nothing: the item is handled, its result discarded |
+/// | (claim failed)         | the open buffer has a free slot         | claim it |
+/// |                        | otherwise                               | seal a full open batch (by size); open one due at `now + maxDelay`, slot 0 claimed; wake the parked timer |
+/// | `filled(buffer, g)`    | batch `g` is still the open one         | seal it (by size); wake the supervisor |
+/// | `withdraw(buffer, g, slot)` | batch `g` not yet collected        | mark the slot withdrawn; seal the open batch if every item in it is (no flush, no handler call) |
+/// |                        | collected                               | nothing: the item is handled, its result discarded |
 /// | `timerNext`            | finished                                | `.exit` |
 /// |                        | a batch is open and not yet due         | `.sleep(until: its deadline, generation)` |
 /// |                        | otherwise                               | park |
@@ -34,53 +179,30 @@ import Synchronization
 /// |                        | a sealed batch and a free handler slot  | `.dispatch(batch)`, `running += 1` |
 /// |                        | shut down, nothing open, sealed or running | `.finished`: stop the timer |
 /// |                        | otherwise                               | park |
+/// | `collected(buffer)`    | —                                       | mark it collected, take its withdrawals; it becomes spare |
 /// | `batchFinished`        | —                                       | `running -= 1`; wake the supervisor |
 /// | `shutdown`             | not yet shut down                       | refuse new items; seal the open batch (by shutdown); wake the supervisor and the timer |
+///
+/// Sealing closes the buffer: claims made before it are in the batch (the handler's task
+/// waits for their writes), claims after it fail and come here.
 @usableFromInline
 struct BatcherState<Item: Sendable, Output: Sendable, C: Clock> {
-    /// The batch taking items; `outcome == nil` while none is open. (Stored in place, not
-    /// as an optional, so that appending to it never copies it.)
-    @usableFromInline
-    struct OpenBatch {
-        @usableFromInline
-        var outcome: BatchOutcome<Output>?
-        @usableFromInline
-        var items: [Item] = []
-        /// Empty until the first withdrawal; then one flag per slot.
-        @usableFromInline
-        var withdrawn: [Bool] = []
-        @usableFromInline
-        var live = 0
-        @usableFromInline
-        var deadline: C.Instant?
-        @usableFromInline
-        var generation = 0
-        /// Its delay has passed, but no handler slot was free: it goes on taking items until
-        /// it is full or a slot frees, whichever comes first.
-        @usableFromInline
-        var isDue = false
-
-        @inlinable
-        init() {}
-
-        @inlinable
-        var isOpen: Bool { outcome != nil }
-    }
+    @usableFromInline typealias Buffer = BatchBuffer<Item, Output>
 
     @usableFromInline
     enum FlushReason {
         case size, delay, shutdown
+        /// Every caller was cancelled (not a flush: unless an item came in the meantime,
+        /// no handler call follows).
+        case withdrawn
     }
 
     @usableFromInline
     struct SealedBatch: Sendable {
-        @usableFromInline
-        let items: [Item]
-        @usableFromInline
-        let outcome: BatchOutcome<Output>
-        /// Slot → index in `items`, when some slots were withdrawn (`-1` for those).
-        @usableFromInline
-        let slotToOutput: [Int]?
+        @usableFromInline let buffer: Buffer
+        /// Slots claimed in it.
+        @usableFromInline let count: Int
+        @usableFromInline let outcome: BatchOutcome<Output>
     }
 
     @usableFromInline
@@ -95,59 +217,62 @@ struct BatcherState<Item: Sendable, Output: Sendable, C: Clock> {
         case exit
     }
 
-    @usableFromInline
-    let maxSize: Int
-    @usableFromInline
-    let maxDelay: C.Duration
-    @usableFromInline
-    let maxConcurrentBatches: Int
-    @usableFromInline
-    let clock: C
+    /// Spare buffers that keep their item storage; the others free it (and allocate it again
+    /// when reopened), so that a burst of sealed batches does not hold its memory for ever.
+    @usableFromInline static var spareStorageLimit: Int { 4 }
+
+    @usableFromInline let maxSize: Int
+    @usableFromInline let maxDelay: C.Duration
+    @usableFromInline let maxConcurrentBatches: Int
+    @usableFromInline let clock: C
+    /// Where submitters find the open buffer: `Unmanaged` bits, 0 when no batch is open.
+    @usableFromInline let current: PaddedAtomics
+
+    /// The open batch's buffer, nil when none is open.
+    @usableFromInline var open: Buffer?
+    @usableFromInline var openDeadline: C.Instant?
+    /// Its delay has passed, but no handler slot was free: it goes on taking items until
+    /// it is full or a slot frees, whichever comes first.
+    @usableFromInline var openIsDue = false
+    /// Batches opened so far; the open one's generation.
+    @usableFromInline var generation = 0
+    @usableFromInline var sealed: Deque<SealedBatch> = []
+    /// Every buffer made: they live as long as the batcher (see ``BatchBuffer``).
+    @usableFromInline var buffers: [Buffer] = []
+    @usableFromInline var spare: [Buffer] = []
+    @usableFromInline var running = 0
+    @usableFromInline var runStarted = false
+    @usableFromInline var isShutDown = false
+    @usableFromInline var isFinished = false
+    @usableFromInline var supervisor: UnsafeContinuation<SupervisorAction, Never>?
+    @usableFromInline var timer: UnsafeContinuation<TimerAction, Never>?
+    /// Counters; `submitted` counts sealed batches' items (the open one's are added by
+    /// `snapshot`).
+    @usableFromInline var stats = BatcherStats()
 
     @usableFromInline
-    var open = OpenBatch()
-    @usableFromInline
-    var sealed: Deque<SealedBatch> = []
-    @usableFromInline
-    var running = 0
-    @usableFromInline
-    var generation = 0
-    @usableFromInline
-    var runStarted = false
-    @usableFromInline
-    var isShutDown = false
-    @usableFromInline
-    var isFinished = false
-    @usableFromInline
-    var supervisor: UnsafeContinuation<SupervisorAction, Never>?
-    @usableFromInline
-    var timer: UnsafeContinuation<TimerAction, Never>?
-    @usableFromInline
-    var stats = BatcherStats()
-
-    @usableFromInline
-    init(maxSize: Int, maxDelay: C.Duration, maxConcurrentBatches: Int, clock: C) {
+    init(maxSize: Int, maxDelay: C.Duration, maxConcurrentBatches: Int, clock: C, current: PaddedAtomics) {
         self.maxSize = maxSize
         self.maxDelay = maxDelay
         self.maxConcurrentBatches = maxConcurrentBatches
         self.clock = clock
+        self.current = current
     }
 
     // MARK: Submitters
 
     @usableFromInline
     enum EnqueueResult {
-        case accepted(BatchOutcome<Output>, slot: Int, wake: Wake)
+        /// A slot claimed in `buffer`: the caller writes its item there (after the lock).
+        case claimed(Buffer, slot: Int, wake: Wake)
         case refused
     }
 
     /// Continuations to resume once the lock is released.
     @usableFromInline
     struct Wake {
-        @usableFromInline
-        var supervisor: (UnsafeContinuation<SupervisorAction, Never>, SupervisorAction)?
-        @usableFromInline
-        var timer: (UnsafeContinuation<TimerAction, Never>, TimerAction)?
+        @usableFromInline var supervisor: (UnsafeContinuation<SupervisorAction, Never>, SupervisorAction)?
+        @usableFromInline var timer: (UnsafeContinuation<TimerAction, Never>, TimerAction)?
 
         @inlinable
         init() {}
@@ -159,81 +284,101 @@ struct BatcherState<Item: Sendable, Output: Sendable, C: Clock> {
         }
     }
 
-    @inlinable
-    mutating func enqueue(_ item: Item) -> EnqueueResult {
+    /// A slot for an item whose claim without the lock failed: in the open batch if it has
+    /// room, else in a new batch (sealing the full one).
+    @usableFromInline
+    mutating func enqueue() -> EnqueueResult {
         guard !isShutDown else { return .refused }
         var wake = Wake()
-        if !open.isOpen {
-            generation += 1
-            let deadline = clock.now.advanced(by: maxDelay)
-            open.outcome = BatchOutcome()
-            open.items.reserveCapacity(maxSize)
-            open.deadline = deadline
-            open.generation = generation
-            if let timer = self.timer {
-                self.timer = nil
-                wake.timer = (timer, .sleep(until: deadline, generation: generation))
-            }
-        }
-        let slot = open.items.count
-        let outcome = open.outcome.unsafelyUnwrapped
-        open.items.append(item)
-        if !open.withdrawn.isEmpty { open.withdrawn.append(false) }
-        open.live += 1
-        stats.submitted += 1
-        if open.live >= maxSize {
+        if let open {
+            if let slot = open.claim() { return .claimed(open, slot: slot, wake: wake) }
+            // Full: its filler is on its way here to seal it; seal it now instead.
             seal(.size)
             wake.supervisor = supervisorWake()
         }
-        return .accepted(outcome, slot: slot, wake: wake)
+        generation += 1
+        let buffer = spare.popLast() ?? makeBuffer()
+        buffer.open(generation: generation, outcome: BatchOutcome())
+        let deadline = clock.now.advanced(by: maxDelay)
+        open = buffer
+        openDeadline = deadline
+        openIsDue = false
+        current[0].pointee.store(Int(bitPattern: Unmanaged.passUnretained(buffer).toOpaque()), ordering: .releasing)
+        if let timer = self.timer {
+            self.timer = nil
+            wake.timer = (timer, .sleep(until: deadline, generation: generation))
+        }
+        return .claimed(buffer, slot: 0, wake: wake)
     }
 
-    /// Withdraws a cancelled caller's item if its batch is still open. Returns whether it was.
     @usableFromInline
-    mutating func withdraw(_ outcome: BatchOutcome<Output>, slot: Int) -> Bool {
-        guard open.outcome === outcome else { return false }
-        if open.withdrawn.isEmpty {
-            open.withdrawn = Array(repeating: false, count: open.items.count)
-        }
-        guard !open.withdrawn[slot] else { return false }
-        open.withdrawn[slot] = true
-        open.live -= 1
-        stats.withdrawn += 1
-        if open.live == 0 {
-            // Nothing left to send: discard the batch (the timer finds its generation gone).
-            open = OpenBatch()
-        }
-        return true
+    mutating func makeBuffer() -> Buffer {
+        let buffer = Buffer(capacity: maxSize)
+        buffers.append(buffer)
+        return buffer
     }
 
-    /// Moves the open batch to `sealed`, dropping withdrawn slots.
+    /// The submitter that claimed the last slot of batch `generation` seals it, unless a
+    /// submitter that found it full or the supervisor did already.
+    @usableFromInline
+    mutating func filled(_ buffer: Buffer, generation: Int) -> Wake {
+        var wake = Wake()
+        if open === buffer && buffer.generation == generation {
+            seal(.size)
+            wake.supervisor = supervisorWake()
+        }
+        return wake
+    }
+
+    /// Withdraws a cancelled caller's item if its batch has not been collected. An open batch
+    /// left with no item is sealed at once (its handler's task makes no call), so that the
+    /// next item opens a fresh one.
+    @usableFromInline
+    mutating func withdraw(_ buffer: Buffer, generation: Int, slot: Int) -> Wake {
+        var wake = Wake()
+        guard buffer.generation == generation, !buffer.isCollected, !buffer.withdrawn.contains(slot) else { return wake }
+        buffer.withdrawn.append(slot)
+        stats.withdrawn += 1
+        if open === buffer && buffer.withdrawn.count == buffer.claimed {
+            seal(.withdrawn)
+            wake.supervisor = supervisorWake()
+        }
+        return wake
+    }
+
+    /// Closes the open batch and queues it for a handler slot.
     @usableFromInline
     mutating func seal(_ reason: FlushReason) {
-        guard open.isOpen else { return }
-        var batch = OpenBatch()
-        swap(&batch, &open)
-        switch reason {
+        guard let buffer = open else { return }
+        let count = buffer.close()
+        open = nil
+        openDeadline = nil
+        openIsDue = false
+        current[0].pointee.store(0, ordering: .releasing)
+        switch count == maxSize ? .size : reason {
         case .size: stats.flushedBySize += 1
         case .delay: stats.flushedByDelay += 1
         case .shutdown: stats.flushedByShutdown += 1
+        case .withdrawn: break
         }
-        if batch.withdrawn.isEmpty {
-            sealed.append(SealedBatch(items: batch.items, outcome: batch.outcome!, slotToOutput: nil))
-            return
+        stats.submitted += count
+        sealed.append(SealedBatch(buffer: buffer, count: count, outcome: buffer.outcome.unsafelyUnwrapped))
+    }
+
+    /// The handler's task has taken the `count` items of a batch out of its buffer: no
+    /// withdrawal from now on. Returns the withdrawn slots; the buffer becomes spare.
+    @usableFromInline
+    mutating func collected(_ buffer: Buffer, count: Int) -> [Int] {
+        buffer.isCollected = true
+        let withdrawn = buffer.withdrawn
+        buffer.withdrawn = []
+        if count == withdrawn.count { stats.batches -= 1 }  // no handler call after all
+        if spare.count >= Self.spareStorageLimit, let storage = buffer.storage {
+            storage.deallocate()
+            buffer.storage = nil
         }
-        var items: [Item] = []
-        items.reserveCapacity(batch.live)
-        var slotToOutput: [Int] = []
-        slotToOutput.reserveCapacity(batch.items.count)
-        for (slot, item) in batch.items.enumerated() {
-            if batch.withdrawn[slot] {
-                slotToOutput.append(-1)
-            } else {
-                slotToOutput.append(items.count)
-                items.append(item)
-            }
-        }
-        sealed.append(SealedBatch(items: items, outcome: batch.outcome!, slotToOutput: slotToOutput))
+        spare.append(buffer)
+        return withdrawn
     }
 
     // MARK: The timer
@@ -241,8 +386,8 @@ struct BatcherState<Item: Sendable, Output: Sendable, C: Clock> {
     @usableFromInline
     mutating func timerNext(_ continuation: UnsafeContinuation<TimerAction, Never>) -> (UnsafeContinuation<TimerAction, Never>, TimerAction)? {
         if isFinished || isShutDown { return (continuation, .exit) }
-        if open.isOpen, !open.isDue, let deadline = open.deadline {
-            return (continuation, .sleep(until: deadline, generation: open.generation))
+        if let open, !openIsDue, let openDeadline {
+            return (continuation, .sleep(until: openDeadline, generation: open.generation))
         }
         timer = continuation
         return nil
@@ -251,8 +396,8 @@ struct BatcherState<Item: Sendable, Output: Sendable, C: Clock> {
     @usableFromInline
     mutating func timerFired(generation: Int) -> Wake {
         var wake = Wake()
-        if open.isOpen && open.generation == generation {
-            open.isDue = true  // sealed by the supervisor as soon as a handler slot is free
+        if let open, open.generation == generation {
+            openIsDue = true  // sealed by the supervisor as soon as a handler slot is free
             wake.supervisor = supervisorWake()
         }
         return wake
@@ -276,7 +421,7 @@ struct BatcherState<Item: Sendable, Output: Sendable, C: Clock> {
 
     @usableFromInline
     mutating func nextSupervisorAction() -> SupervisorAction? {
-        if running < maxConcurrentBatches && sealed.isEmpty && open.isDue {
+        if running < maxConcurrentBatches && sealed.isEmpty && openIsDue {
             seal(.delay)
         }
         if running < maxConcurrentBatches, let batch = sealed.popFirst() {
@@ -285,7 +430,7 @@ struct BatcherState<Item: Sendable, Output: Sendable, C: Clock> {
             stats.peakConcurrentBatches = Swift.max(stats.peakConcurrentBatches, running)
             return .dispatch(batch)
         }
-        if isShutDown && !open.isOpen && sealed.isEmpty && running == 0 {
+        if isShutDown && open == nil && sealed.isEmpty && running == 0 {
             isFinished = true
             return .finished
         }
@@ -300,6 +445,8 @@ struct BatcherState<Item: Sendable, Output: Sendable, C: Clock> {
         return (continuation, action)
     }
 
+    /// A dispatched batch is done: its handler call returned, or none was made (`items == 0`:
+    /// every item was withdrawn).
     @usableFromInline
     mutating func batchFinished(items: Int, failed: Bool) -> Wake {
         running -= 1
@@ -333,7 +480,10 @@ struct BatcherState<Item: Sendable, Output: Sendable, C: Clock> {
     @usableFromInline
     var snapshot: BatcherStats {
         var stats = self.stats
-        stats.buffered = open.live + sealed.reduce(0) { $0 + $1.items.count }
+        let openCount = open?.claimed ?? 0
+        stats.submitted += openCount
+        stats.buffered = openCount - (open?.withdrawn.count ?? 0)
+            + sealed.reduce(0) { $0 + $1.count - $1.buffer.withdrawn.count }
         stats.inFlightBatches = running
         return stats
     }
@@ -387,7 +537,7 @@ final class BatchOutcome<Output: Sendable>: Sendable {
     /// (acquiring), so without the lock. Most callers collect their result long after their
     /// batch completed, and a hundred of them (from as many tasks) share this object: taking
     /// its lock twice each made the adders of batch.throughput sleep on it in the kernel.
-    @usableFromInline
+    @usableFromInline @exclusivity(unchecked)  // read by every caller: no dynamic check
     nonisolated(unsafe) var completed: State?
     @usableFromInline
     let isComplete = Atomic<Bool>(false)
@@ -398,6 +548,7 @@ final class BatchOutcome<Output: Sendable>: Sendable {
     /// The result for `slot`, waiting for the batch to complete. `onCancel` runs (before the
     /// waiter is resumed) when the calling task is cancelled.
     @inlinable
+    nonisolated(nonsending)
     func value(slot: Int, onCancel: @escaping @Sendable () -> Void) async throws -> Output {
         for attempt in 0..<2 {
             if isComplete.load(ordering: .acquiring) {

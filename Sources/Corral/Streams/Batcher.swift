@@ -1,3 +1,5 @@
+import Synchronization
+
 /// Collects items from many callers into batches for one handler call each — GraphQL
 /// DataLoader's pattern — and gives every caller its own item's result.
 ///
@@ -75,6 +77,9 @@ public final class Batcher<Item: Sendable, Output: Sendable, C: Clock>: Sendable
 
     let handler: @Sendable ([Item]) async throws -> [Output]
     @usableFromInline let state: LockedState<BatcherState<Item, Output, C>>
+    /// The open batch's buffer, where submitters claim slots without the lock: `Unmanaged`
+    /// bits, 0 when no batch is open. Written under the lock (by `BatcherState`).
+    @usableFromInline let current: PaddedAtomics
 
     /// Creates a batcher timed by `clock`; nothing is sent before ``run()`` starts.
     ///
@@ -107,8 +112,11 @@ public final class Batcher<Item: Sendable, Output: Sendable, C: Clock>: Sendable
         self.name = name
         self.clock = clock
         self.handler = handler
+        let current = PaddedAtomics(count: 1)
+        self.current = current
         self.state = LockedState(BatcherState(
-            maxSize: maxSize, maxDelay: maxDelay, maxConcurrentBatches: maxConcurrentBatches, clock: clock
+            maxSize: maxSize, maxDelay: maxDelay, maxConcurrentBatches: maxConcurrentBatches, clock: clock,
+            current: current
         ))
         DiagnosticsRegistry.shared.add(self, kind: "Batcher", name: name) { batcher in
             let stats = batcher.stats
@@ -135,14 +143,16 @@ public final class Batcher<Item: Sendable, Output: Sendable, C: Clock>: Sendable
     ///   open, the item is withdrawn from it, otherwise it is handled and its result
     ///   discarded.
     @inlinable
+    nonisolated(nonsending)
     public func submit(_ item: Item) async throws -> Output {
         if Task.isCancelled { throw DeadlineContext.cancellationError() }
-        let ticket = try enqueue(item)
+        let placed = try place(item)
         let state = self.state
-        let outcome = ticket.outcome
-        let slot = ticket.slot
-        return try await outcome.value(slot: slot) {
-            _ = state.withLock { $0.withdraw(outcome, slot: slot) }
+        let buffer = placed.buffer.takeUnretainedValue()
+        let generation = placed.generation
+        let slot = placed.slot
+        return try await placed.outcome.value(slot: slot) {
+            state.withLock { $0.withdraw(buffer, generation: generation, slot: slot) }.resume()
         }
     }
 
@@ -157,13 +167,58 @@ public final class Batcher<Item: Sendable, Output: Sendable, C: Clock>: Sendable
     ///   was not accepted.
     @inlinable
     public func enqueue(_ item: Item) throws -> BatchTicket<Output> {
-        switch state.withLock({ $0.enqueue(item) }) {
-        case .accepted(let outcome, let slot, let wake):
+        let placed = try place(item)
+        return BatchTicket(outcome: placed.outcome, slot: placed.slot)
+    }
+
+    /// Where an item went: its batch's outcome, its slot, and (to withdraw it) its buffer and
+    /// the batch's generation.
+    @usableFromInline
+    typealias Placement = (
+        outcome: BatchOutcome<Output>, slot: Int, buffer: Unmanaged<BatchBuffer<Item, Output>>, generation: Int
+    )
+
+    /// Puts an item in the open batch: a slot claimed without the lock when the open batch
+    /// has room (the common case), else through the lock (see ``BatcherState``).
+    @inlinable
+    func place(_ item: Item) throws -> Placement {
+        let bits = current[0].pointee.load(ordering: .acquiring)
+        if bits != 0 {
+            // Not retained: buffers live as long as the batcher (see BatchBuffer).
+            let buffer = Unmanaged<BatchBuffer<Item, Output>>.fromOpaque(UnsafeRawPointer(bitPattern: bits).unsafelyUnwrapped)
+            let placed = buffer._withUnsafeGuaranteedRef { buffer -> Placement? in
+                guard let slot = buffer.claim() else { return nil }
+                let (outcome, generation) = buffer.write(item, at: slot)
+                return (outcome, slot, Unmanaged.passUnretained(buffer), generation)
+            }
+            if let placed {
+                if placed.slot == maxSize - 1 { filled(placed) }
+                return placed
+            }
+        }
+        return try placeThroughTheLock(item)
+    }
+
+    /// `place` when the open batch is missing or full: opens one.
+    @inlinable
+    func placeThroughTheLock(_ item: Item) throws -> Placement {
+        switch state.withLock({ $0.enqueue() }) {
+        case .claimed(let buffer, let slot, let wake):
             wake.resume()
-            return BatchTicket(outcome: outcome, slot: slot)
+            let (outcome, generation) = buffer.write(item, at: slot)
+            let placed = (outcome, slot, Unmanaged.passUnretained(buffer), generation)
+            if slot == maxSize - 1 { filled(placed) }
+            return placed
         case .refused:
             throw BatcherError.shutdown(batcher: name)
         }
+    }
+
+    /// The item just placed took its batch's last slot: seal the batch.
+    @inlinable
+    func filled(_ placed: Placement) {
+        let buffer = placed.buffer.takeUnretainedValue()
+        state.withLock { $0.filled(buffer, generation: placed.generation) }.resume()
     }
 
     deinit {
@@ -176,8 +231,13 @@ public final class Batcher<Item: Sendable, Output: Sendable, C: Clock>: Sendable
             return Array(state.sealed)
         }
         for batch in abandoned {
-            batch.outcome.complete(.failure(BatcherError.shutdown(batcher: name)), slotToOutput: batch.slotToOutput)
+            // Nobody else holds the batcher: every claimed slot is written.
+            let items = batch.buffer.takeItemsIfWritten(count: batch.count)
+            precondition(items != nil, "Batcher.deinit: a claimed slot was never written")
+            _ = state.withLock { $0.collected(batch.buffer, count: batch.count) }
+            batch.outcome.complete(.failure(BatcherError.shutdown(batcher: name)), slotToOutput: nil)
         }
+        current.deallocate()
     }
 
     /// Runs the flush timer and the handler calls until the batcher is shut down and every
@@ -256,22 +316,42 @@ public final class Batcher<Item: Sendable, Output: Sendable, C: Clock>: Sendable
 
     /// Calls the handler for one batch and completes its callers.
     private func handle(_ batch: BatcherState<Item, Output, C>.SealedBatch) async {
-        let result: Result<[Output], any Error>
-        do {
-            let outputs = try await handler(batch.items)
-            if outputs.count == batch.items.count {
-                result = .success(outputs)
-            } else {
-                result = .failure(BatcherError.outputCountMismatch(
-                    batcher: name, expected: batch.items.count, actual: outputs.count
-                ))
+        var items = await batch.buffer.takeItems(count: batch.count)
+        let withdrawn = state.withLock { $0.collected(batch.buffer, count: batch.count) }
+        // Slot -> index in the handler's items, when some were withdrawn (-1 for those).
+        var slotToOutput: [Int]?
+        if !withdrawn.isEmpty {
+            var map = Array(repeating: 0, count: items.count)
+            for slot in withdrawn { map[slot] = -1 }
+            var live: [Item] = []
+            live.reserveCapacity(items.count - withdrawn.count)
+            for (slot, item) in items.enumerated() where map[slot] == 0 {
+                map[slot] = live.count
+                live.append(item)
             }
-        } catch {
-            result = .failure(error)
+            items = live  // the withdrawn items are released here, outside the lock
+            slotToOutput = map
         }
-        batch.outcome.complete(result, slotToOutput: batch.slotToOutput)
+        let result: Result<[Output], any Error>
+        if items.isEmpty {
+            result = .success([])  // every caller was cancelled: no handler call
+        } else {
+            do {
+                let outputs = try await handler(items)
+                if outputs.count == items.count {
+                    result = .success(outputs)
+                } else {
+                    result = .failure(BatcherError.outputCountMismatch(
+                        batcher: name, expected: items.count, actual: outputs.count
+                    ))
+                }
+            } catch {
+                result = .failure(error)
+            }
+        }
+        batch.outcome.complete(result, slotToOutput: slotToOutput)
         let failed = if case .failure = result { true } else { false }
-        state.withLock { $0.batchFinished(items: batch.items.count, failed: failed) }.resume()
+        state.withLock { $0.batchFinished(items: items.count, failed: failed) }.resume()
     }
 }
 
@@ -312,6 +392,7 @@ public struct BatchTicket<Output: Sendable>: Sendable {
     ///   `CancellationError` (or ``TimeoutError``) when the waiting task is cancelled — the
     ///   item stays in its batch and is handled all the same.
     @inlinable
+    nonisolated(nonsending)
     public var value: Output {
         get async throws {
             try await outcome.value(slot: slot) {}

@@ -294,25 +294,34 @@ struct BatcherTests {
     /// (the batch's lock). If the batch is closed, sent and completed between the two, the
     /// completion must not look up the withdrawn slot's output. (White-box: drives that order.)
     @Test func completionBetweenWithdrawalAndWaiterRemoval_cancelsTheCaller() async throws {
+        let current = PaddedAtomics(count: 1)
+        defer { current.deallocate() }
         let state = LockedState(BatcherState<Int, Int, ContinuousClock>(
-            maxSize: 10, maxDelay: .seconds(60), maxConcurrentBatches: 1, clock: ContinuousClock()
+            maxSize: 10, maxDelay: .seconds(60), maxConcurrentBatches: 1, clock: ContinuousClock(), current: current
         ))
-        guard case .accepted(let outcome, let slot, _) = state.withLock({ $0.enqueue(1) }) else {
+        guard case .claimed(let buffer, let slot, _) = state.withLock({ $0.enqueue() }) else {
             Issue.record("refused")
             return
         }
-        _ = state.withLock { $0.enqueue(2) }
+        let (outcome, generation) = buffer.write(1, at: slot)
+        guard let other = buffer.claim() else {
+            Issue.record("no second slot")
+            return
+        }
+        _ = buffer.write(2, at: other)
         let caller = Task {
             try await outcome.value(slot: slot) {
-                _ = state.withLock { $0.withdraw(outcome, slot: slot) }
+                state.withLock { $0.withdraw(buffer, generation: generation, slot: slot) }.resume()
+                #expect(state.withLock { $0.snapshot.withdrawn } == 1)
                 // What the timer, the supervisor and a handler may do on other threads now:
-                state.withLock { $0.timerFired(generation: 1) }.resume()
+                state.withLock { $0.timerFired(generation: generation) }.resume()
                 guard case .dispatch(let batch)? = state.withLock({ $0.nextSupervisorAction() }) else {
                     Issue.record("the due batch was not dispatched")
                     return
                 }
-                #expect(batch.items == [2])
-                batch.outcome.complete(.success(batch.items.map { $0 * 2 }), slotToOutput: batch.slotToOutput)
+                #expect(batch.buffer.takeItemsIfWritten(count: batch.count) == [1, 2])
+                #expect(state.withLock { $0.collected(batch.buffer, count: batch.count) } == [slot])
+                batch.outcome.complete(.success([4]), slotToOutput: [-1, 0])
             }
         }
         await waitUntil("the caller waits") { outcome.state.withLock { $0.waiters.count } == 1 }
