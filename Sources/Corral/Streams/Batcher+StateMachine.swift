@@ -86,7 +86,7 @@ final class BatchBuffer<Item: Sendable, Output: Sendable>: @unchecked Sendable {
 
     /// Opens the buffer for batch `generation`, with slot 0 claimed by the caller. Call under
     /// the batcher's lock, with the buffer spare.
-    @usableFromInline
+    @inlinable
     func open(generation: Int, outcome: BatchOutcome<Output>) {
         if storage == nil { storage = .allocate(capacity: capacity) }
         self.outcome = outcome
@@ -98,14 +98,14 @@ final class BatchBuffer<Item: Sendable, Output: Sendable>: @unchecked Sendable {
     }
 
     /// Slots claimed so far (at most `capacity`).
-    @usableFromInline
+    @inlinable
     var claimed: Int {
         Swift.min(reserved.load(ordering: .relaxed) & (Self.closed - 1), capacity)
     }
 
     /// Closes the buffer; returns how many slots were claimed (at most `capacity`). Call under
     /// the batcher's lock.
-    @usableFromInline
+    @inlinable
     func close() -> Int {
         Swift.min(reserved.bitwiseOr(Self.closed, ordering: .relaxed).oldValue & (Self.closed - 1), capacity)
     }
@@ -113,7 +113,7 @@ final class BatchBuffer<Item: Sendable, Output: Sendable>: @unchecked Sendable {
     /// Waits until the `count` slots claimed before the buffer closed are written, then
     /// moves their items out and lets go of the outcome. A claim's write takes nanoseconds,
     /// unless its thread was preempted between the claim and the count: hence the yield.
-    @usableFromInline
+    @inlinable
     func takeItems(count: Int) async -> [Item] {
         while true {
             if let items = takeItemsIfWritten(count: count) { return items }
@@ -122,7 +122,7 @@ final class BatchBuffer<Item: Sendable, Output: Sendable>: @unchecked Sendable {
     }
 
     /// The items, moved out, once the `count` claimed slots are written; nil before.
-    @usableFromInline
+    @inlinable
     func takeItemsIfWritten(count: Int) -> [Item]? {
         guard written.load(ordering: .acquiring) >= count else { return nil }
         let storage = self.storage.unsafelyUnwrapped
@@ -203,6 +203,13 @@ struct BatcherState<Item: Sendable, Output: Sendable, C: Clock> {
         /// Slots claimed in it.
         @usableFromInline let count: Int
         @usableFromInline let outcome: BatchOutcome<Output>
+
+        @inlinable
+        init(buffer: Buffer, count: Int, outcome: BatchOutcome<Output>) {
+            self.buffer = buffer
+            self.count = count
+            self.outcome = outcome
+        }
     }
 
     @usableFromInline
@@ -286,7 +293,7 @@ struct BatcherState<Item: Sendable, Output: Sendable, C: Clock> {
 
     /// A slot for an item whose claim without the lock failed: in the open batch if it has
     /// room, else in a new batch (sealing the full one).
-    @usableFromInline
+    @inlinable
     mutating func enqueue() -> EnqueueResult {
         guard !isShutDown else { return .refused }
         var wake = Wake()
@@ -311,7 +318,7 @@ struct BatcherState<Item: Sendable, Output: Sendable, C: Clock> {
         return .claimed(buffer, slot: 0, wake: wake)
     }
 
-    @usableFromInline
+    @inlinable
     mutating func makeBuffer() -> Buffer {
         let buffer = Buffer(capacity: maxSize)
         buffers.append(buffer)
@@ -320,7 +327,7 @@ struct BatcherState<Item: Sendable, Output: Sendable, C: Clock> {
 
     /// The submitter that claimed the last slot of batch `generation` seals it, unless a
     /// submitter that found it full or the supervisor did already.
-    @usableFromInline
+    @inlinable
     mutating func filled(_ buffer: Buffer, generation: Int) -> Wake {
         var wake = Wake()
         if open === buffer && buffer.generation == generation {
@@ -333,7 +340,7 @@ struct BatcherState<Item: Sendable, Output: Sendable, C: Clock> {
     /// Withdraws a cancelled caller's item if its batch has not been collected. An open batch
     /// left with no item is sealed at once (its handler's task makes no call), so that the
     /// next item opens a fresh one.
-    @usableFromInline
+    @inlinable
     mutating func withdraw(_ buffer: Buffer, generation: Int, slot: Int) -> Wake {
         var wake = Wake()
         guard buffer.generation == generation, !buffer.isCollected, !buffer.withdrawn.contains(slot) else { return wake }
@@ -347,7 +354,7 @@ struct BatcherState<Item: Sendable, Output: Sendable, C: Clock> {
     }
 
     /// Closes the open batch and queues it for a handler slot.
-    @usableFromInline
+    @inlinable
     mutating func seal(_ reason: FlushReason) {
         guard let buffer = open else { return }
         let count = buffer.close()
@@ -367,7 +374,7 @@ struct BatcherState<Item: Sendable, Output: Sendable, C: Clock> {
 
     /// The handler's task has taken the `count` items of a batch out of its buffer: no
     /// withdrawal from now on. Returns the withdrawn slots; the buffer becomes spare.
-    @usableFromInline
+    @inlinable
     mutating func collected(_ buffer: Buffer, count: Int) -> [Int] {
         buffer.isCollected = true
         let withdrawn = buffer.withdrawn
@@ -383,7 +390,7 @@ struct BatcherState<Item: Sendable, Output: Sendable, C: Clock> {
 
     // MARK: The timer
 
-    @usableFromInline
+    @inlinable
     mutating func timerNext(_ continuation: UnsafeContinuation<TimerAction, Never>) -> (UnsafeContinuation<TimerAction, Never>, TimerAction)? {
         if isFinished || isShutDown { return (continuation, .exit) }
         if let open, !openIsDue, let openDeadline {
@@ -393,7 +400,7 @@ struct BatcherState<Item: Sendable, Output: Sendable, C: Clock> {
         return nil
     }
 
-    @usableFromInline
+    @inlinable
     mutating func timerFired(generation: Int) -> Wake {
         var wake = Wake()
         if let open, open.generation == generation {
@@ -405,21 +412,21 @@ struct BatcherState<Item: Sendable, Output: Sendable, C: Clock> {
 
     // MARK: The supervisor
 
-    @usableFromInline
+    @inlinable
     mutating func runStarting() {
         precondition(!runStarted, "Batcher.run(): run() may be called only once in a batcher's life")
         runStarted = true
     }
 
     /// What the supervisor does next, or nil after parking it.
-    @usableFromInline
+    @inlinable
     mutating func supervisorNext(_ continuation: UnsafeContinuation<SupervisorAction, Never>) -> (UnsafeContinuation<SupervisorAction, Never>, SupervisorAction)? {
         if let action = nextSupervisorAction() { return (continuation, action) }
         supervisor = continuation
         return nil
     }
 
-    @usableFromInline
+    @inlinable
     mutating func nextSupervisorAction() -> SupervisorAction? {
         if running < maxConcurrentBatches && sealed.isEmpty && openIsDue {
             seal(.delay)
@@ -438,7 +445,7 @@ struct BatcherState<Item: Sendable, Output: Sendable, C: Clock> {
     }
 
     /// The parked supervisor with its next action, if it now has one.
-    @usableFromInline
+    @inlinable
     mutating func supervisorWake() -> (UnsafeContinuation<SupervisorAction, Never>, SupervisorAction)? {
         guard let continuation = supervisor, let action = nextSupervisorAction() else { return nil }
         supervisor = nil
@@ -447,7 +454,7 @@ struct BatcherState<Item: Sendable, Output: Sendable, C: Clock> {
 
     /// A dispatched batch is done: its handler call returned, or none was made (`items == 0`:
     /// every item was withdrawn).
-    @usableFromInline
+    @inlinable
     mutating func batchFinished(items: Int, failed: Bool) -> Wake {
         running -= 1
         if failed {
@@ -463,7 +470,7 @@ struct BatcherState<Item: Sendable, Output: Sendable, C: Clock> {
 
     // MARK: Shutdown
 
-    @usableFromInline
+    @inlinable
     mutating func shutdown() -> Wake {
         var wake = Wake()
         guard !isShutDown else { return wake }
@@ -477,7 +484,7 @@ struct BatcherState<Item: Sendable, Output: Sendable, C: Clock> {
         return wake
     }
 
-    @usableFromInline
+    @inlinable
     var snapshot: BatcherStats {
         var stats = self.stats
         let openCount = open?.claimed ?? 0
@@ -593,7 +600,7 @@ final class BatchOutcome<Output: Sendable>: Sendable {
     }
 
     /// Stores the batch's result and resumes its waiters.
-    @usableFromInline
+    @inlinable
     func complete(_ result: Result<[Output], any Error>, slotToOutput: [Int]?) {
         var published = State()
         published.result = result

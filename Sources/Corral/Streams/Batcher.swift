@@ -75,7 +75,7 @@ public final class Batcher<Item: Sendable, Output: Sendable, C: Clock>: Sendable
     /// The clock that times `maxDelay`.
     public let clock: C
 
-    let handler: @Sendable ([Item]) async throws -> [Output]
+    @usableFromInline let handler: @Sendable ([Item]) async throws -> [Output]
     @usableFromInline let state: LockedState<BatcherState<Item, Output, C>>
     /// The open batch's buffer, where submitters claim slots without the lock: `Unmanaged`
     /// bits, 0 when no batch is open. Written under the lock (by `BatcherState`).
@@ -250,6 +250,7 @@ public final class Batcher<Item: Sendable, Output: Sendable, C: Clock>: Sendable
     ///   down (what is buffered is sent, to handler calls that run cancelled), and this throws
     ///   once every handler call has returned.
     /// - Precondition: `run()` is called once in the batcher's life.
+    @inlinable  // specialized with the batcher: each batch's work is then free of generic lookups
     public func run() async throws {
         state.withLock { $0.runStarting() }
         await withTaskCancellationHandler {
@@ -288,7 +289,8 @@ public final class Batcher<Item: Sendable, Output: Sendable, C: Clock>: Sendable
 
     // MARK: run()'s tasks
 
-    private func nextSupervisorAction() async -> BatcherState<Item, Output, C>.SupervisorAction {
+    @inlinable
+    func nextSupervisorAction() async -> BatcherState<Item, Output, C>.SupervisorAction {
         await withUnsafeContinuation { continuation in
             if let (continuation, action) = state.withLock({ $0.supervisorNext(continuation) }) {
                 continuation.resume(returning: action)
@@ -297,7 +299,8 @@ public final class Batcher<Item: Sendable, Output: Sendable, C: Clock>: Sendable
     }
 
     /// Seals each open batch when its deadline passes.
-    private func runTimer() async {
+    @inlinable
+    func runTimer() async {
         while true {
             let action = await withUnsafeContinuation { continuation in
                 if let (continuation, action) = state.withLock({ $0.timerNext(continuation) }) {
@@ -315,7 +318,8 @@ public final class Batcher<Item: Sendable, Output: Sendable, C: Clock>: Sendable
     }
 
     /// Calls the handler for one batch and completes its callers.
-    private func handle(_ batch: BatcherState<Item, Output, C>.SealedBatch) async {
+    @inlinable
+    func handle(_ batch: BatcherState<Item, Output, C>.SealedBatch) async {
         var items = await batch.buffer.takeItems(count: batch.count)
         let withdrawn = state.withLock { $0.collected(batch.buffer, count: batch.count) }
         // Slot -> index in the handler's items, when some were withdrawn (-1 for those).
