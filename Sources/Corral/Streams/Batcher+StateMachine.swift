@@ -4,11 +4,11 @@ import Synchronization
 /// The storage of one batch while it takes items: a slot per item up to `maxSize`, claimed
 /// without the batcher's lock.
 ///
-/// A submitter claims a slot by incrementing `reserved`, writes its item there and counts it
-/// in `written`; the batch is sealed (under the batcher's lock) once its last slot is claimed
+/// A submitter claims a slot by incrementing `reserved`, writes its item there and stamps the
+/// slot with the batch's generation; the batch is sealed (under the batcher's lock) once its last slot is claimed
 /// or, by the timer, the supervisor or shutdown, by setting the `closed` bit of `reserved`,
-/// after which every claim fails. The handler's task takes the items out once `written`
-/// shows every claimed slot written, and gives the buffer back for another batch.
+/// after which every claim fails. The handler's task takes the items out once every claimed
+/// slot bears the batch's stamp, and gives the buffer back for another batch.
 ///
 /// Buffers are recycled and stay allocated as long as their batcher: a submitter may read
 /// the batcher's current buffer, be preempted, and claim a slot in it much later. A buffer is
@@ -24,17 +24,17 @@ import Synchronization
 final class BatchBuffer<Item: Sendable, Output: Sendable>: @unchecked Sendable {
     // @unchecked Sendable: no single lock guards every field; each has one rule, and
     // together they hand the buffer from the batcher's lock to submitters and back:
-    // - `reserved` and `written` are atomics.
-    // - `outcome`, `generation` and `storage` are written only under the batcher's lock
-    //   (`Batcher.state`) while the buffer is closed, before `reserved` is reset by a releasing
-    //   store that opens it. A submitter reads them only after a successful claim (an
-    //   acquiring increment of `reserved`), and they are not written again until the buffer
-    //   has been collected, which waits for that submitter's releasing count in `written`.
-    //   The collector clears `outcome` once it has seen every count, before it gives the
-    //   buffer back under the lock.
+    // - `reserved` and the stamps are atomics.
+    // - `outcome`, `generation`, `storage` and `stamps` (the pointer) are written only under
+    //   the batcher's lock (`Batcher.state`) while the buffer is closed, before `reserved` is
+    //   reset by a releasing store that opens it. A submitter reads them only after a
+    //   successful claim (an acquiring increment of `reserved`), and they are not written
+    //   again until the buffer has been collected, which waits for that submitter's releasing
+    //   stamp. The collector clears `outcome` once it has seen every stamp, before it gives
+    //   the buffer back under the lock.
     // - `storage[slot]` is initialized by the one submitter that claimed `slot`, before it
-    //   counts it in `written` (releasing); the collector moves it out after it has seen every
-    //   claimed slot counted (acquiring).
+    //   stores the batch's generation in `stamps[slot]` (releasing); the collector moves it out
+    //   after it has seen every claimed slot stamped (acquiring).
     // - `withdrawn` and `isCollected` are read and written only under the batcher's lock.
 
     /// The bit of `reserved` that closes the buffer: every claim then fails (`>= capacity`).
@@ -42,14 +42,16 @@ final class BatchBuffer<Item: Sendable, Output: Sendable>: @unchecked Sendable {
 
     /// Slots claimed (the count may run past `capacity` with failed claims), and `closed`.
     @usableFromInline let reserved = Atomic<Int>(BatchBuffer.closed)
-    /// Claimed slots whose item has been written.
-    @usableFromInline let written = Atomic<Int>(0)
     // The vars a submitter reads are exempt from dynamic exclusivity checks (the rules above
     // order every access), which would cost a third of the claim.
     /// The result of the batch the buffer holds.
     @usableFromInline @exclusivity(unchecked) var outcome: BatchOutcome<Output>?
     /// Room for `capacity` items; nil while spare without storage.
     @usableFromInline @exclusivity(unchecked) var storage: UnsafeMutablePointer<Item>?
+    /// Per slot, the generation of the last batch whose item was written there. A stamp is a
+    /// plain store; a shared count of written items was a second contended atomic increment
+    /// per item, on the line every claim increments.
+    @usableFromInline @exclusivity(unchecked) var stamps: UnsafeMutablePointer<Atomic<Int>>?
     @usableFromInline let capacity: Int
     /// Which batch the buffer holds: the batcher's count of batches opened.
     @usableFromInline @exclusivity(unchecked) var generation = 0
@@ -65,7 +67,25 @@ final class BatchBuffer<Item: Sendable, Output: Sendable>: @unchecked Sendable {
 
     deinit {
         // Collected buffers hold no items: only the storage is left to free.
+        freeStorage()
+    }
+
+    @usableFromInline
+    func allocateStorage() {
+        storage = .allocate(capacity: capacity)
+        let stamps = UnsafeMutablePointer<Atomic<Int>>.allocate(capacity: capacity)
+        for slot in 0..<capacity { (stamps + slot).initialize(to: Atomic(0)) }
+        self.stamps = stamps
+    }
+
+    /// Frees the item storage of a buffer that holds no items.
+    @usableFromInline
+    func freeStorage() {
         storage?.deallocate()
+        storage = nil
+        stamps?.deinitialize(count: capacity)
+        stamps?.deallocate()
+        stamps = nil
     }
 
     /// Claims a slot, or nil when the buffer is full or closed.
@@ -80,7 +100,7 @@ final class BatchBuffer<Item: Sendable, Output: Sendable>: @unchecked Sendable {
     func write(_ item: Item, at slot: Int) -> (outcome: BatchOutcome<Output>, generation: Int) {
         let placed = (outcome.unsafelyUnwrapped, generation)
         (storage.unsafelyUnwrapped + slot).initialize(to: item)
-        written.wrappingAdd(1, ordering: .releasing)
+        (stamps.unsafelyUnwrapped + slot).pointee.store(generation, ordering: .releasing)
         return placed
     }
 
@@ -88,12 +108,11 @@ final class BatchBuffer<Item: Sendable, Output: Sendable>: @unchecked Sendable {
     /// the batcher's lock, with the buffer spare.
     @inlinable
     func open(generation: Int, outcome: BatchOutcome<Output>) {
-        if storage == nil { storage = .allocate(capacity: capacity) }
+        if storage == nil { allocateStorage() }
         self.outcome = outcome
         self.generation = generation
         withdrawn.removeAll()
         isCollected = false
-        written.store(0, ordering: .relaxed)
         reserved.store(1, ordering: .releasing)
     }
 
@@ -112,7 +131,7 @@ final class BatchBuffer<Item: Sendable, Output: Sendable>: @unchecked Sendable {
 
     /// Waits until the `count` slots claimed before the buffer closed are written, then
     /// moves their items out and lets go of the outcome. A claim's write takes nanoseconds,
-    /// unless its thread was preempted between the claim and the count: hence the yield.
+    /// unless its thread was preempted between the claim and the stamp: hence the yield.
     @inlinable
     func takeItems(count: Int) async -> [Item] {
         while true {
@@ -124,9 +143,10 @@ final class BatchBuffer<Item: Sendable, Output: Sendable>: @unchecked Sendable {
     /// The items, moved out, once the `count` claimed slots are written; nil before.
     @inlinable
     func takeItemsIfWritten(count: Int) -> [Item]? {
-        guard written.load(ordering: .acquiring) >= count else { return nil }
+        let stamps = self.stamps.unsafelyUnwrapped
+        for slot in 0..<count where (stamps + slot).pointee.load(ordering: .acquiring) != generation { return nil }
         let storage = self.storage.unsafelyUnwrapped
-        // No submitter reads `outcome` any more (each read it before its count); the next
+        // No submitter reads `outcome` any more (each read it before its stamp); the next
         // batch's is set under the lock. Released here, outside it: the outputs it may hold
         // are the user's values.
         outcome = nil
@@ -380,10 +400,7 @@ struct BatcherState<Item: Sendable, Output: Sendable, C: Clock> {
         let withdrawn = buffer.withdrawn
         buffer.withdrawn = []
         if count == withdrawn.count { stats.batches -= 1 }  // no handler call after all
-        if spare.count >= Self.spareStorageLimit, let storage = buffer.storage {
-            storage.deallocate()
-            buffer.storage = nil
-        }
+        if spare.count >= Self.spareStorageLimit { buffer.freeStorage() }
         spare.append(buffer)
         return withdrawn
     }
