@@ -44,8 +44,8 @@ import Synchronization
 ///
 /// ## Accounting
 /// Every accepted item ends in exactly one of: handled (its caller got its output), failed
-/// (its caller got the batch's error) or withdrawn (its caller was cancelled while its batch
-/// was still open). Once ``run()`` has returned, `stats.submitted == handled + failed + withdrawn`.
+/// (its caller got the batch's error) or withdrawn (its caller was cancelled before its batch
+/// was handed to the handler). Once ``run()`` has returned, `stats.submitted == handled + failed + withdrawn`.
 ///
 /// A batch is *open* until it is full, or until its delay has passed and a handler slot is
 /// free (a batch that is due while every slot is busy goes on taking items), or until
@@ -57,6 +57,12 @@ import Synchronization
 /// with every slot held by handlers waiting that way — with the default
 /// `maxConcurrentBatches` of 1, at the first such call — they wait for each other for ever.
 /// Give such handlers slots to spare, or a second batcher.
+///
+/// ## Memory
+/// Items wait in per-batch buffers of `maxSize` slots, which submitters fill without taking
+/// a lock. The buffers are reused from batch to batch and kept until the batcher is released:
+/// after a burst that sealed many batches at once, the batcher keeps a small object per
+/// buffer it made, and the item storage of up to four spare ones.
 ///
 /// ## Backpressure
 /// Each caller waits for its own result, so the items held are bounded by the number of
@@ -139,9 +145,9 @@ public final class Batcher<Item: Sendable, Output: Sendable, C: Clock>: Sendable
     /// - Throws: The handler's error if this item's batch failed; ``BatcherError`` when the
     ///   batcher is shut down (code `.shutdown`: the item was not accepted) or the handler
     ///   returned the wrong number of outputs (`.outputCountMismatch`); `CancellationError`
-    ///   (or ``TimeoutError``) when the calling task is cancelled — if the item's batch is still
-    ///   open, the item is withdrawn from it, otherwise it is handled and its result
-    ///   discarded.
+    ///   (or ``TimeoutError``) when the calling task is cancelled — if the item's batch has
+    ///   not yet been handed to the handler (it is open, or waiting for a handler slot), the
+    ///   item is withdrawn from it, otherwise it is handled and its result discarded.
     @inlinable
     nonisolated(nonsending)
     public func submit(_ item: Item) async throws -> Output {
@@ -412,7 +418,8 @@ public struct BatcherStats: Hashable, Sendable, CustomStringConvertible {
     public var handled = 0
     /// Items whose batch failed (the handler threw or returned the wrong number of outputs).
     public var failed = 0
-    /// Items withdrawn by their caller's cancellation while their batch was still open.
+    /// Items withdrawn by their caller's cancellation before their batch was handed to the
+    /// handler.
     public var withdrawn = 0
     /// Items accepted and not yet sent to the handler.
     public var buffered = 0

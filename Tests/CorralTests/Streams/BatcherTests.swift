@@ -203,6 +203,26 @@ struct BatcherTests {
         }
     }
 
+    @Test func cancelledCaller_whoseBatchWaitsForAHandlerSlot_isWithdrawn() async throws {
+        let gate = try await closedGate()
+        let recorder = BatchRecorder(gate: gate)
+        try await withBatcher(maxSize: 2, handler: recorder.handle) { batcher, _ async throws in
+            let first = try (1...2).map { try batcher.enqueue($0) }  // in the handler, held by the gate
+            await waitUntil("handler running") { recorder.running.current == 1 }
+            let cancelled = Task { try await batcher.submit(3) }
+            await waitUntil("submitted") { batcher.stats.submitted == 3 }
+            let kept = try batcher.enqueue(4)  // the second batch is full: sealed, waiting for the slot
+            #expect(batcher.stats.buffered == 2)
+            cancelled.cancel()
+            await #expect(throws: CancellationError.self) { try await cancelled.value }
+            #expect(batcher.stats.withdrawn == 1 && batcher.stats.buffered == 1)
+            gate.release()
+            for (index, ticket) in first.enumerated() { #expect(try await ticket.value == (index + 1) * 2) }
+            #expect(try await kept.value == 8)
+            #expect(recorder.batches.elements == [[1, 2], [4]], "the withdrawn item was sent")
+        }
+    }
+
     @Test func cancelledCaller_afterItsBatchWasSent_getsCancellation_andTheBatchCompletes() async throws {
         let gate = try await closedGate()
         let recorder = BatchRecorder(gate: gate)
