@@ -24,25 +24,19 @@ let batchWorkloads: [Workload] = [
                             // local functions capturing the counters would check exclusivity at
                             // run time, on every item.
                             var outstanding = Outstanding()
-                            var received = 0, wrong = 0, sum = 0
+                            var tally = Tally()
                             for x in range {
                                 if outstanding.isFull {
                                     let (ticket, want) = outstanding.removeOldest()
-                                    let value = try await ticket.value
-                                    received += 1
-                                    sum += value
-                                    if value != want { wrong += 1 }
+                                    tally.add(try await ticket.value, want: want)
                                 }
                                 outstanding.append(try batcher.enqueue(x), want: 2 * x)
                             }
                             while !outstanding.isEmpty {
                                 let (ticket, want) = outstanding.removeOldest()
-                                let value = try await ticket.value
-                                received += 1
-                                sum += value
-                                if value != want { wrong += 1 }
+                                tally.add(try await ticket.value, want: want)
                             }
-                            return (received, wrong, sum)
+                            return (tally.received, tally.wrong, tally.sum)
                         }
                     }
                     var totals = (received: 0, wrong: 0, sum: 0)
@@ -89,5 +83,19 @@ private struct Outstanding {
             count -= 1
         }
         return ring[head]!
+    }
+}
+
+/// An adder's results: how many, how many wrong (the first one is reported), and their sum.
+private struct Tally {
+    var received = 0, wrong = 0, sum = 0
+
+    mutating func add(_ value: Int, want: Int) {
+        received += 1
+        sum += value
+        if value != want {
+            if wrong == 0 { printError("batch.throughput: item \(want / 2) got \(value)") }
+            wrong += 1
+        }
     }
 }

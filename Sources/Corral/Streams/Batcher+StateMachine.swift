@@ -98,7 +98,13 @@ final class BatchBuffer<Item: Sendable, Output: Sendable>: @unchecked Sendable {
     /// Writes the item of a claimed slot; returns the batch's outcome and generation.
     @inlinable
     func write(_ item: Item, at slot: Int) -> (outcome: BatchOutcome<Output>, generation: Int) {
-        let placed = (outcome.unsafelyUnwrapped, generation)
+        // The outcome must be retained before the stamp: once the slot is stamped, the
+        // collector may drop the buffer's reference, and the other holders may be gone too.
+        // A plain copy of `outcome` lets the optimizer sink its retain below the stamp (it
+        // did: tickets then read freed outcomes); a call it cannot see into keeps it above.
+        let unretained = Unmanaged.passUnretained(outcome.unsafelyUnwrapped).toOpaque()
+        let retained = Unmanaged<BatchOutcome<Output>>.fromOpaque(retainOpaquely(unretained))
+        let placed = (retained.takeRetainedValue(), generation)
         (storage.unsafelyUnwrapped + slot).initialize(to: item)
         (stamps.unsafelyUnwrapped + slot).pointee.store(generation, ordering: .releasing)
         return placed
@@ -157,6 +163,16 @@ final class BatchBuffer<Item: Sendable, Output: Sendable>: @unchecked Sendable {
             initialized = count
         }
     }
+}
+
+/// Retains the object at `pointer` and returns the pointer. Not inlinable, and never inlined:
+/// the caller's optimizer sees a call that may touch any memory, so the retain stays before
+/// the stores that follow the call (``BatchBuffer/write(_:at:)``).
+@inline(never)
+@usableFromInline
+func retainOpaquely(_ pointer: UnsafeMutableRawPointer) -> UnsafeMutableRawPointer {
+    _ = Unmanaged<AnyObject>.fromOpaque(pointer).retain()
+    return pointer
 }
 
 /// The state of a ``Batcher`` behind its lock: the open batch's buffer and deadline, the
@@ -405,6 +421,23 @@ struct BatcherState<Item: Sendable, Output: Sendable, C: Clock> {
         return withdrawn
     }
 
+    /// A collected batch's items without the withdrawn slots, and the map from slot to index
+    /// in the handler's items and outputs (nil when none was withdrawn; -1 for those that
+    /// were).
+    @inlinable
+    static func removing(_ withdrawn: [Int], from items: [Item]) -> (items: [Item], slotToOutput: [Int]?) {
+        guard !withdrawn.isEmpty else { return (items, nil) }
+        var map = Array(repeating: 0, count: items.count)
+        for slot in withdrawn { map[slot] = -1 }
+        var live: [Item] = []
+        live.reserveCapacity(items.count - withdrawn.count)
+        for (slot, item) in items.enumerated() where map[slot] == 0 {
+            map[slot] = live.count
+            live.append(item)
+        }
+        return (live, map)
+    }
+
     // MARK: The timer
 
     @inlinable
@@ -543,12 +576,12 @@ final class BatchOutcome<Output: Sendable>: Sendable {
         /// withdrawal and the waiter's removal are two steps, and the batch may complete
         /// between them).
         func value(at slot: Int) -> Result<Output, any Error>? {
+            // A withdrawn slot first: its caller was cancelled, whatever became of the batch.
+            let index = slotToOutput?[slot] ?? slot
+            guard index >= 0 else { return nil }
             switch result! {
-            case .success(let outputs):
-                let index = slotToOutput?[slot] ?? slot
-                return index < 0 ? nil : .success(outputs[index])
-            case .failure(let error):
-                return .failure(error)
+            case .success(let outputs): return .success(outputs[index])
+            case .failure(let error): return .failure(error)
             }
         }
     }

@@ -326,22 +326,10 @@ public final class Batcher<Item: Sendable, Output: Sendable, C: Clock>: Sendable
     /// Calls the handler for one batch and completes its callers.
     @inlinable
     func handle(_ batch: BatcherState<Item, Output, C>.SealedBatch) async {
-        var items = await batch.buffer.takeItems(count: batch.count)
+        let taken = await batch.buffer.takeItems(count: batch.count)
         let withdrawn = state.withLock { $0.collected(batch.buffer, count: batch.count) }
-        // Slot -> index in the handler's items, when some were withdrawn (-1 for those).
-        var slotToOutput: [Int]?
-        if !withdrawn.isEmpty {
-            var map = Array(repeating: 0, count: items.count)
-            for slot in withdrawn { map[slot] = -1 }
-            var live: [Item] = []
-            live.reserveCapacity(items.count - withdrawn.count)
-            for (slot, item) in items.enumerated() where map[slot] == 0 {
-                map[slot] = live.count
-                live.append(item)
-            }
-            items = live  // the withdrawn items are released here, outside the lock
-            slotToOutput = map
-        }
+        // The withdrawn items are released here, outside the lock.
+        let (items, slotToOutput) = BatcherState<Item, Output, C>.removing(withdrawn, from: taken)
         let result: Result<[Output], any Error>
         if items.isEmpty {
             result = .success([])  // every caller was cancelled: no handler call
