@@ -176,9 +176,10 @@ func retainOpaquely(_ pointer: UnsafeMutableRawPointer) -> UnsafeMutableRawPoint
 }
 
 /// The state of a ``Batcher`` behind its lock: the open batch's buffer and deadline, the
-/// sealed batches waiting for a handler slot, and the two tasks of `run()` that act on them
-/// (the supervisor, which starts handler calls, and the timer, which marks a batch due
-/// `maxDelay` after its first item).
+/// sealed batches waiting for a handler slot, and the tasks of `run()` that act on them: the
+/// handler workers (at most `maxConcurrentBatches`, each calling the handler for one batch
+/// after another), the supervisor, which starts a worker when a batch could start and none
+/// is idle, and the timer, which marks a batch due `maxDelay` after its first item.
 ///
 /// Items do not pass through this state: submitters claim slots in the open batch's buffer
 /// without the lock (``BatchBuffer``), and come here only to open a batch (there is none, or
@@ -187,37 +188,44 @@ func retainOpaquely(_ pointer: UnsafeMutableRawPointer) -> UnsafeMutableRawPoint
 /// A batch is *open* while it takes items; *due* once `maxDelay` has passed since its first
 /// item (still open, so that items arriving while every handler slot is busy join it);
 /// *sealed* once it is full, due with a handler slot free, or flushed by shutdown;
-/// *dispatched* when a handler call starts for it; *collected* when that call has taken its
-/// items (withdrawals stop there). Its callers wait on its `BatchOutcome`, which has its own
-/// lock.
+/// *dispatched* when a worker takes it (`running` counts those); *collected* when the worker
+/// has taken its items (withdrawals stop there). Its callers wait on its `BatchOutcome`,
+/// which has its own lock.
 ///
 /// Invariants: at most one open batch, whose buffer is the one published to submitters
-/// (`Batcher.current`); `running <= maxConcurrentBatches`; the supervisor is parked only
-/// while it has nothing to do (no sealed batch with a free slot, and not finishing); the
-/// timer is parked only while no batch is open; after shutdown no batch opens.
+/// (`Batcher.current`); `running <= workers <= maxConcurrentBatches`; no worker is idle while
+/// a batch could start (`dispatch(into:)` runs after every event that may let one start); the
+/// supervisor is parked only while it has nothing to do; the timer is parked only while no
+/// batch is open; after shutdown no batch opens.
 ///
-/// Transitions:
+/// Transitions ("dispatch": hand each batch that can start — a sealed one, or the open one if
+/// it is due and none is sealed — to an idle worker, else have the parked supervisor start a
+/// worker for it if fewer than `maxConcurrentBatches` run; then finish if shut down with
+/// nothing open, sealed or running):
 ///
 /// | event                  | condition                               | effect |
 /// |------------------------|-----------------------------------------|--------|
 /// | claim (no lock)        | the open buffer has a free slot         | the item is written there; whoever claims the last slot seals it (`filled`) |
 /// | `enqueue(item)`        | shut down                               | refused (`BatcherError.shutdown`) |
 /// | (claim failed)         | the open buffer has a free slot         | claim it |
-/// |                        | otherwise                               | seal a full open batch (by size); open one due at `now + maxDelay`, slot 0 claimed; wake the parked timer |
-/// | `filled(buffer, g)`    | batch `g` is still the open one         | seal it (by size); wake the supervisor |
-/// | `withdraw(buffer, g, slot)` | batch `g` not yet collected        | mark the slot withdrawn; seal the open batch if every item in it is (no flush, no handler call) |
+/// |                        | otherwise                               | seal a full open batch (by size), dispatch; open one due at `now + maxDelay`, slot 0 claimed; wake the parked timer |
+/// | `filled(buffer, g)`    | batch `g` is still the open one         | seal it (by size); dispatch |
+/// | `withdraw(buffer, g, slot)` | batch `g` not yet collected        | mark the slot withdrawn; if every item of the open batch is, seal it (no flush: its worker makes no handler call) and dispatch |
 /// |                        | collected                               | nothing: the item is handled, its result discarded |
 /// | `timerNext`            | finished                                | `.exit` |
 /// |                        | a batch is open and not yet due         | `.sleep(until: its deadline, generation)` |
 /// |                        | otherwise                               | park |
-/// | `timerFired(g)`        | the open batch has generation `g`       | mark it *due*; wake the supervisor (a due batch goes on taking items until a handler slot is free) |
-/// | `supervisorNext`       | a free handler slot, nothing sealed, the open batch due | seal it (by delay), then as below |
-/// |                        | a sealed batch and a free handler slot  | `.dispatch(batch)`, `running += 1` |
-/// |                        | shut down, nothing open, sealed or running | `.finished`: stop the timer |
+/// | `timerFired(g)`        | the open batch has generation `g`       | mark it *due* (it goes on taking items until a handler slot is free); dispatch |
+/// | `supervisorNext`       | no idle worker, fewer than the most, a batch can start | `.startWorker(batch)`: `workers += 1`, `running += 1` |
+/// |                        | finished (or now finishing)             | `.finished`: `run()` stops the timer |
 /// |                        | otherwise                               | park |
 /// | `collected(buffer)`    | —                                       | mark it collected, take its withdrawals; it becomes spare |
-/// | `batchFinished`        | —                                       | `running -= 1`; wake the supervisor |
-/// | `shutdown`             | not yet shut down                       | refuse new items; seal the open batch (by shutdown); wake the supervisor and the timer |
+/// | `workerFinished`       | a batch can start                       | `.handle(batch)` to the same worker |
+/// |                        | finished (or now finishing)             | `.exit`, `workers -= 1` |
+/// |                        | otherwise                               | park, idle |
+/// | `shutdown`             | not yet shut down                       | refuse new items; seal the open batch (by shutdown); dispatch; stop the parked timer |
+///
+/// Finishing tells the idle workers to exit and the parked supervisor `.finished`.
 ///
 /// Sealing closes the buffer: claims made before it are in the batch (the handler's task
 /// waits for their writes), claims after it fail and come here.
@@ -250,8 +258,15 @@ struct BatcherState<Item: Sendable, Output: Sendable, C: Clock> {
 
     @usableFromInline
     enum SupervisorAction: Sendable {
-        case dispatch(SealedBatch)
+        /// Start a handler worker, with its first batch.
+        case startWorker(SealedBatch)
         case finished
+    }
+
+    @usableFromInline
+    enum WorkerAction: Sendable {
+        case handle(SealedBatch)
+        case exit
     }
 
     @usableFromInline
@@ -283,7 +298,12 @@ struct BatcherState<Item: Sendable, Output: Sendable, C: Clock> {
     /// Every buffer made: they live as long as the batcher (see ``BatchBuffer``).
     @usableFromInline var buffers: [Buffer] = []
     @usableFromInline var spare: [Buffer] = []
+    /// Batches handed to a worker and not finished.
     @usableFromInline var running = 0
+    /// Handler workers started and not exited (at most `maxConcurrentBatches`).
+    @usableFromInline var workers = 0
+    /// Workers waiting for a batch, the last to finish last.
+    @usableFromInline var idleWorkers: [UnsafeContinuation<WorkerAction, Never>] = []
     @usableFromInline var runStarted = false
     @usableFromInline var isShutDown = false
     @usableFromInline var isFinished = false
@@ -316,12 +336,18 @@ struct BatcherState<Item: Sendable, Output: Sendable, C: Clock> {
     struct Wake {
         @usableFromInline var supervisor: (UnsafeContinuation<SupervisorAction, Never>, SupervisorAction)?
         @usableFromInline var timer: (UnsafeContinuation<TimerAction, Never>, TimerAction)?
+        /// Idle workers handed a batch.
+        @usableFromInline var workers: [(UnsafeContinuation<WorkerAction, Never>, WorkerAction)] = []
+        /// Idle workers told to exit (the batcher is finished).
+        @usableFromInline var exiting: [UnsafeContinuation<WorkerAction, Never>] = []
 
         @inlinable
         init() {}
 
         @inlinable
         func resume() {
+            for (continuation, action) in workers { continuation.resume(returning: action) }
+            for continuation in exiting { continuation.resume(returning: .exit) }
             if let (continuation, action) = supervisor { continuation.resume(returning: action) }
             if let (continuation, action) = timer { continuation.resume(returning: action) }
         }
@@ -337,7 +363,7 @@ struct BatcherState<Item: Sendable, Output: Sendable, C: Clock> {
             if let slot = open.claim() { return .claimed(open, slot: slot, wake: wake) }
             // Full: its filler is on its way here to seal it; seal it now instead.
             seal(.size)
-            wake.supervisor = supervisorWake()
+            dispatch(into: &wake)
         }
         generation += 1
         let buffer = spare.popLast() ?? makeBuffer()
@@ -368,7 +394,7 @@ struct BatcherState<Item: Sendable, Output: Sendable, C: Clock> {
         var wake = Wake()
         if open === buffer && buffer.generation == generation {
             seal(.size)
-            wake.supervisor = supervisorWake()
+            dispatch(into: &wake)
         }
         return wake
     }
@@ -384,7 +410,7 @@ struct BatcherState<Item: Sendable, Output: Sendable, C: Clock> {
         stats.withdrawn += 1
         if open === buffer && buffer.withdrawn.count == buffer.claimed {
             seal(.withdrawn)
-            wake.supervisor = supervisorWake()
+            dispatch(into: &wake)
         }
         return wake
     }
@@ -454,8 +480,8 @@ struct BatcherState<Item: Sendable, Output: Sendable, C: Clock> {
     mutating func timerFired(generation: Int) -> Wake {
         var wake = Wake()
         if let open, open.generation == generation {
-            openIsDue = true  // sealed by the supervisor as soon as a handler slot is free
-            wake.supervisor = supervisorWake()
+            openIsDue = true  // sealed as soon as a handler slot is free
+            dispatch(into: &wake)
         }
         return wake
     }
@@ -468,44 +494,74 @@ struct BatcherState<Item: Sendable, Output: Sendable, C: Clock> {
         runStarted = true
     }
 
-    /// What the supervisor does next, or nil after parking it.
+    /// The next sealed batch for a handler, if a handler slot is free (the open batch is
+    /// sealed first if it is due and no other batch waits). Call only with a worker to give it
+    /// to.
     @inlinable
-    mutating func supervisorNext(_ continuation: UnsafeContinuation<SupervisorAction, Never>) -> (UnsafeContinuation<SupervisorAction, Never>, SupervisorAction)? {
-        if let action = nextSupervisorAction() { return (continuation, action) }
+    mutating func takeBatch() -> SealedBatch? {
+        guard running < maxConcurrentBatches else { return nil }
+        if sealed.isEmpty && openIsDue { seal(.delay) }
+        guard let batch = sealed.popFirst() else { return nil }
+        running += 1
+        stats.batches += 1
+        stats.peakConcurrentBatches = Swift.max(stats.peakConcurrentBatches, running)
+        return batch
+    }
+
+    /// Hands the batches that can start to idle workers, or has the parked supervisor start a
+    /// worker for one; finishes when shut down and done. Keeps the invariant: no worker is
+    /// idle while a batch could start.
+    @inlinable
+    mutating func dispatch(into wake: inout Wake) {
+        while let worker = idleWorkers.last, let batch = takeBatch() {
+            idleWorkers.removeLast()
+            wake.workers.append((worker, .handle(batch)))
+        }
+        if idleWorkers.isEmpty && workers < maxConcurrentBatches, let supervisor, let batch = takeBatch() {
+            self.supervisor = nil
+            workers += 1
+            wake.supervisor = (supervisor, .startWorker(batch))
+        }
+        finishIfDone(into: &wake)
+    }
+
+    /// Once shut down with every batch handled: tells the idle workers to exit and the
+    /// supervisor that `run()` is done.
+    @inlinable
+    mutating func finishIfDone(into wake: inout Wake) {
+        guard !isFinished, isShutDown, open == nil, sealed.isEmpty, running == 0 else { return }
+        isFinished = true
+        workers -= idleWorkers.count
+        wake.exiting = idleWorkers
+        idleWorkers.removeAll()
+        if let supervisor {
+            self.supervisor = nil
+            wake.supervisor = (supervisor, .finished)
+        }
+    }
+
+    /// What the supervisor does next (nil: parked), and whom to wake.
+    @inlinable
+    mutating func supervisorNext(
+        _ continuation: UnsafeContinuation<SupervisorAction, Never>
+    ) -> (next: (UnsafeContinuation<SupervisorAction, Never>, SupervisorAction)?, wake: Wake) {
+        var wake = Wake()
+        if idleWorkers.isEmpty && workers < maxConcurrentBatches, let batch = takeBatch() {
+            workers += 1
+            return ((continuation, .startWorker(batch)), wake)
+        }
+        finishIfDone(into: &wake)
+        if isFinished { return ((continuation, .finished), wake) }
         supervisor = continuation
-        return nil
+        return (nil, wake)
     }
 
+    /// A worker is done with a batch: its handler call returned, or none was made (`items ==
+    /// 0`: every item was withdrawn). What it does next (nil: parked, idle), and whom to wake.
     @inlinable
-    mutating func nextSupervisorAction() -> SupervisorAction? {
-        if running < maxConcurrentBatches && sealed.isEmpty && openIsDue {
-            seal(.delay)
-        }
-        if running < maxConcurrentBatches, let batch = sealed.popFirst() {
-            running += 1
-            stats.batches += 1
-            stats.peakConcurrentBatches = Swift.max(stats.peakConcurrentBatches, running)
-            return .dispatch(batch)
-        }
-        if isShutDown && open == nil && sealed.isEmpty && running == 0 {
-            isFinished = true
-            return .finished
-        }
-        return nil
-    }
-
-    /// The parked supervisor with its next action, if it now has one.
-    @inlinable
-    mutating func supervisorWake() -> (UnsafeContinuation<SupervisorAction, Never>, SupervisorAction)? {
-        guard let continuation = supervisor, let action = nextSupervisorAction() else { return nil }
-        supervisor = nil
-        return (continuation, action)
-    }
-
-    /// A dispatched batch is done: its handler call returned, or none was made (`items == 0`:
-    /// every item was withdrawn).
-    @inlinable
-    mutating func batchFinished(items: Int, failed: Bool) -> Wake {
+    mutating func workerFinished(
+        items: Int, failed: Bool, _ continuation: UnsafeContinuation<WorkerAction, Never>
+    ) -> (next: (UnsafeContinuation<WorkerAction, Never>, WorkerAction)?, wake: Wake) {
         running -= 1
         if failed {
             stats.failed += items
@@ -514,8 +570,14 @@ struct BatcherState<Item: Sendable, Output: Sendable, C: Clock> {
             stats.handled += items
         }
         var wake = Wake()
-        wake.supervisor = supervisorWake()
-        return wake
+        if let batch = takeBatch() { return ((continuation, .handle(batch)), wake) }
+        finishIfDone(into: &wake)
+        if isFinished {
+            workers -= 1
+            return ((continuation, .exit), wake)
+        }
+        idleWorkers.append(continuation)
+        return (nil, wake)
     }
 
     // MARK: Shutdown
@@ -526,7 +588,7 @@ struct BatcherState<Item: Sendable, Output: Sendable, C: Clock> {
         guard !isShutDown else { return wake }
         isShutDown = true
         seal(.shutdown)
-        wake.supervisor = supervisorWake()
+        dispatch(into: &wake)
         if let timer = self.timer {
             self.timer = nil
             wake.timer = (timer, .exit)

@@ -266,14 +266,15 @@ public final class Batcher<Item: Sendable, Output: Sendable, C: Clock>: Sendable
                     defer { timerEntry.close() }
                     await self.runTimer()
                 }
-                while case .dispatch(let batch) = await nextSupervisorAction() {
+                while case .startWorker(let batch) = await nextSupervisorAction() {
                     let entry = LedgerEntry(kind: "Batcher", name: name)
                     group.addTask {
                         defer { entry.close() }
-                        await self.handle(batch)
+                        await self.work(startingWith: batch)
                     }
                 }
-                // Finished: every batch is handled. The timer may be asleep on the clock.
+                // Finished: every batch is handled and the workers are exiting. The timer may
+                // be asleep on the clock.
                 group.cancelAll()
             }
         } onCancel: {
@@ -298,9 +299,27 @@ public final class Batcher<Item: Sendable, Output: Sendable, C: Clock>: Sendable
     @inlinable
     func nextSupervisorAction() async -> BatcherState<Item, Output, C>.SupervisorAction {
         await withUnsafeContinuation { continuation in
-            if let (continuation, action) = state.withLock({ $0.supervisorNext(continuation) }) {
-                continuation.resume(returning: action)
+            let (next, wake) = state.withLock { $0.supervisorNext(continuation) }
+            wake.resume()
+            if let (continuation, action) = next { continuation.resume(returning: action) }
+        }
+    }
+
+    /// A handler worker: handles batches one after another, waiting idle between them, until
+    /// the batcher is finished. Running on, rather than a task per batch, it takes the next
+    /// batch without a task to start or a supervisor to wake.
+    @inlinable
+    func work(startingWith first: BatcherState<Item, Output, C>.SealedBatch) async {
+        var batch = first
+        while true {
+            let (items, failed) = await handle(batch)
+            let action = await withUnsafeContinuation { continuation in
+                let (next, wake) = state.withLock { $0.workerFinished(items: items, failed: failed, continuation) }
+                wake.resume()
+                if let (continuation, action) = next { continuation.resume(returning: action) }
             }
+            guard case .handle(let next) = action else { return }
+            batch = next
         }
     }
 
@@ -323,9 +342,11 @@ public final class Batcher<Item: Sendable, Output: Sendable, C: Clock>: Sendable
         }
     }
 
-    /// Calls the handler for one batch and completes its callers.
+    /// Calls the handler for one batch and completes its callers. Returns how many items the
+    /// handler was given (none: every caller was cancelled, and no call was made) and whether
+    /// the batch failed.
     @inlinable
-    func handle(_ batch: BatcherState<Item, Output, C>.SealedBatch) async {
+    func handle(_ batch: BatcherState<Item, Output, C>.SealedBatch) async -> (items: Int, failed: Bool) {
         let taken = await batch.buffer.takeItems(count: batch.count)
         let withdrawn = state.withLock { $0.collected(batch.buffer, count: batch.count) }
         // The withdrawn items are released here, outside the lock.
@@ -349,7 +370,7 @@ public final class Batcher<Item: Sendable, Output: Sendable, C: Clock>: Sendable
         }
         batch.outcome.complete(result, slotToOutput: slotToOutput)
         let failed = if case .failure = result { true } else { false }
-        state.withLock { $0.batchFinished(items: items.count, failed: failed) }.resume()
+        return (items.count, failed)
     }
 }
 

@@ -169,6 +169,38 @@ struct BatcherTests {
         }
     }
 
+    /// Handler calls run on at most `maxConcurrentBatches` worker tasks, which take batch after
+    /// batch, wait idle when there is none (and are woken for the next), and exit with run().
+    @Test func handlerWorkers_areBounded_wokenWhenIdle_andExitWithRun() async throws {
+        let ledger = TaskLedger()
+        let owner = TaskLedger.Owner(kind: "Batcher", name: "test")
+        let gate = try await closedGate()
+        let recorder = BatchRecorder(gate: gate)
+        let clock = ManualClock()
+        let batcher = Batcher<Int, Int, ManualClock>(
+            maxSize: 2, maxDelay: .seconds(1), maxConcurrentBatches: 2, name: "test", clock: clock,
+            handler: recorder.handle
+        )
+        let run = Task { try await TaskLedger.$current.withValue(ledger) { try await batcher.run() } }
+        // A burst: ten full batches while the handler is held. Two run, eight wait.
+        let burst = try (1...20).map { try batcher.enqueue($0) }
+        await waitUntil("two handler calls running") { recorder.running.current == 2 }
+        #expect(ledger.liveTasks[owner] == 3, "the timer and two workers: \(ledger.liveTasks)")
+        gate.release()
+        for (index, ticket) in burst.enumerated() { #expect(try await ticket.value == (index + 1) * 2) }
+        #expect(ledger.liveTasks[owner] == 3, "workers are kept, not started per batch")
+        // Both workers idle now; a batch sealed by its delay wakes one.
+        let late = try batcher.enqueue(21)
+        await clock.waitForSleepers(count: 1)
+        clock.advance(by: .seconds(1))
+        #expect(try await late.value == 42)
+        #expect(ledger.liveTasks[owner] == 3)
+        batcher.shutdown()
+        try await run.value
+        #expect(ledger.liveTaskCount == 0, "left behind: \(ledger.liveTasks)")
+        #expect(batcher.stats.batches == 11 && batcher.stats.peakConcurrentBatches == 2)
+    }
+
     @Test func cancelledCaller_isWithdrawnBeforeItsBatchIsSent() async throws {
         let recorder = BatchRecorder()
         try await withBatcher(maxSize: 10, handler: recorder.handle) { batcher, clock async throws in
@@ -335,7 +367,7 @@ struct BatcherTests {
                 #expect(state.withLock { $0.snapshot.withdrawn } == 1)
                 // What the timer, the supervisor and a handler may do on other threads now:
                 state.withLock { $0.timerFired(generation: generation) }.resume()
-                guard case .dispatch(let batch)? = state.withLock({ $0.nextSupervisorAction() }) else {
+                guard let batch = state.withLock({ $0.takeBatch() }) else {
                     Issue.record("the due batch was not dispatched")
                     return
                 }
