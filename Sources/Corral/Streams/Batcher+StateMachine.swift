@@ -128,6 +128,13 @@ final class BatchBuffer<Item: Sendable, Output: Sendable>: @unchecked Sendable {
         Swift.min(reserved.load(ordering: .relaxed) & (Self.closed - 1), capacity)
     }
 
+    /// Closes the buffer if exactly `count` slots are claimed; returns whether it did. Call
+    /// under the batcher's lock.
+    @inlinable
+    func close(ifClaimed count: Int) -> Bool {
+        reserved.compareExchange(expected: count, desired: count | Self.closed, ordering: .relaxed).exchanged
+    }
+
     /// Closes the buffer; returns how many slots were claimed (at most `capacity`). Call under
     /// the batcher's lock.
     @inlinable
@@ -408,7 +415,8 @@ struct BatcherState<Item: Sendable, Output: Sendable, C: Clock> {
         guard buffer.generation == generation, !buffer.isCollected, !buffer.withdrawn.contains(slot) else { return wake }
         buffer.withdrawn.append(slot)
         stats.withdrawn += 1
-        if open === buffer && buffer.withdrawn.count == buffer.claimed {
+        // Closed only if no claim came meanwhile (a claim in flight keeps the batch open).
+        if open === buffer && buffer.close(ifClaimed: buffer.withdrawn.count) {
             seal(.withdrawn)
             dispatch(into: &wake)
         }

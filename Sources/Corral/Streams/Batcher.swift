@@ -237,10 +237,10 @@ public final class Batcher<Item: Sendable, Output: Sendable, C: Clock>: Sendable
             return Array(state.sealed)
         }
         for batch in abandoned {
-            // Nobody else holds the batcher: every claimed slot is written.
+            // Nobody else holds the batcher: every claimed slot is written. The items are
+            // released here (the buffers go with the state).
             let items = batch.buffer.takeItemsIfWritten(count: batch.count)
             precondition(items != nil, "Batcher.deinit: a claimed slot was never written")
-            _ = state.withLock { $0.collected(batch.buffer, count: batch.count) }
             batch.outcome.complete(.failure(BatcherError.shutdown(batcher: name)), slotToOutput: nil)
         }
         current.deallocate()
