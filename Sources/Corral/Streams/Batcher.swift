@@ -90,14 +90,16 @@ public final class Batcher<Item: Sendable, Output: Sendable, C: Clock>: Sendable
     /// Creates a batcher timed by `clock`; nothing is sent before ``run()`` starts.
     ///
     /// - Parameters:
-    ///   - maxSize: The most items in one batch; a full batch is sent at once.
+    ///   - maxSize: The most items in one batch; a full batch is sent at once. A batch's
+    ///     buffer has `maxSize` slots, allocated when it is first used (and kept for the
+    ///     batches after it): at most 16,777,216 (2²⁴).
     ///   - maxDelay: How long after its first item a batch is sent if it is not full
     ///     (`.zero`: as soon as a handler slot is free — batching only what gathers meanwhile).
     ///   - maxConcurrentBatches: The most handler calls running at once.
     ///   - name: A name for errors and diagnostics.
     ///   - clock: The clock that times `maxDelay` (a `ManualClock` in tests).
     ///   - handler: Handles one batch: returns one output per item, in order.
-    /// - Precondition: `maxSize >= 1`, `maxDelay >= .zero`, `maxConcurrentBatches >= 1`.
+    /// - Precondition: `1 <= maxSize <= 2²⁴`, `maxDelay >= .zero`, `maxConcurrentBatches >= 1`.
     public init(
         maxSize: Int,
         maxDelay: Duration,
@@ -107,6 +109,10 @@ public final class Batcher<Item: Sendable, Output: Sendable, C: Clock>: Sendable
         handler: @escaping @Sendable ([Item]) async throws -> [Output]
     ) {
         precondition(maxSize >= 1, "Batcher(maxSize:): maxSize must be at least 1, got \(maxSize)")
+        precondition(
+            maxSize <= maximumConcurrentWindow,
+            "Batcher(maxSize:): maxSize must be at most \(maximumConcurrentWindow) (a batch's slots are allocated up front), got \(maxSize)"
+        )
         precondition(maxDelay >= .zero, "Batcher(maxDelay:): maxDelay must not be negative, got \(maxDelay)")
         precondition(
             maxConcurrentBatches >= 1,

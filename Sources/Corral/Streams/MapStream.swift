@@ -110,7 +110,8 @@ func concurrentWindow(concurrency: Int, buffer: Int?, in function: String) -> In
 }
 
 /// The largest `buffer` of the concurrent operators: each iteration allocates its slots up
-/// front. The default buffer, `4 × concurrency`, is clamped to it.
+/// front. The default buffer, `4 × concurrency`, is clamped to it. Also the largest
+/// `Batcher` `maxSize`, for the same reason.
 @usableFromInline
 let maximumConcurrentWindow = 1 << 24
 

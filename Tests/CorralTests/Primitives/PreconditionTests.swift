@@ -183,6 +183,12 @@ struct BatcherPreconditionTests {
         }
     }
 
+    @Test func batcherWithAHugeSize() async {
+        await #expect(processExitsWith: .failure) {
+            _ = Batcher<Int, Int, ContinuousClock>(maxSize: Int.max, maxDelay: .seconds(1)) { $0 }
+        }
+    }
+
     @Test func batcherWithNegativeDelay() async {
         await #expect(processExitsWith: .failure) {
             _ = Batcher<Int, Int, ContinuousClock>(maxSize: 1, maxDelay: .seconds(-1)) { $0 }
