@@ -676,7 +676,7 @@ final class BatchOutcome<Output: Sendable>: Sendable {
     /// waiter is resumed) when the calling task is cancelled.
     @inlinable
     nonisolated(nonsending)
-    func value(slot: Int, onCancel: @escaping @Sendable () -> Void) async throws -> Output {
+    func value(slot: Int, onCancel: @Sendable () -> Void) async throws -> Output {
         for attempt in 0..<2 {
             if isComplete.load(ordering: .acquiring) {
                 // Read in place: a copy of the outcome would retain the outputs' buffer, one
