@@ -417,17 +417,20 @@ struct BatcherState<Item: Sendable, Output: Sendable, C: Clock> {
         stats.withdrawn += 1
         // Closed only if no claim came meanwhile (a claim in flight keeps the batch open).
         if open === buffer && buffer.close(ifClaimed: buffer.withdrawn.count) {
-            seal(.withdrawn)
+            // Sealed with the count it was closed at: a claim failing on it since has
+            // counted itself in `reserved` all the same.
+            seal(.withdrawn, closedWith: buffer.withdrawn.count)
             dispatch(into: &wake)
         }
         return wake
     }
 
-    /// Closes the open batch and queues it for a handler slot.
+    /// Closes the open batch and queues it for a handler slot. `claims`: the buffer is closed
+    /// already, with that many slots claimed.
     @inlinable
-    mutating func seal(_ reason: FlushReason) {
+    mutating func seal(_ reason: FlushReason, closedWith claims: Int? = nil) {
         guard let buffer = open else { return }
-        let count = buffer.close()
+        let count = claims ?? buffer.close()
         open = nil
         openDeadline = nil
         openIsDue = false
