@@ -5,10 +5,13 @@ import Synchronization
 /// without the batcher's lock.
 ///
 /// A submitter claims a slot by incrementing `reserved`, writes its item there and stamps the
-/// slot with the batch's generation; the batch is sealed (under the batcher's lock) once its last slot is claimed
-/// or, by the timer, the supervisor or shutdown, by setting the `closed` bit of `reserved`,
-/// after which every claim fails. The handler's task takes the items out once every claimed
-/// slot bears the batch's stamp, and gives the buffer back for another batch.
+/// slot with the batch's generation. The batch is sealed under the batcher's lock — once its
+/// last slot is claimed, or when it is due and a handler slot is free, or at shutdown, or
+/// when every item in it is withdrawn — by setting the `closed` bit of `reserved`, after
+/// which every claim fails. A failed claim still adds 1 to `reserved`: the number of claims
+/// is the count read when the bit was set, never a later one. The handler worker takes the
+/// items out once every claimed slot bears the batch's stamp, and gives the buffer back for
+/// another batch.
 ///
 /// Buffers are recycled and stay allocated as long as their batcher: a submitter may read
 /// the batcher's current buffer, be preempted, and claim a slot in it much later. A buffer is
@@ -203,7 +206,7 @@ func retainOpaquely(_ pointer: UnsafeMutableRawPointer) -> UnsafeMutableRawPoint
 /// (`Batcher.current`); `running <= workers <= maxConcurrentBatches`; no worker is idle while
 /// a batch could start (`dispatch(into:)` runs after every event that may let one start); the
 /// supervisor is parked only while it has nothing to do; the timer is parked only while no
-/// batch is open; after shutdown no batch opens.
+/// batch is open or the open one is due; after shutdown no batch opens.
 ///
 /// Transitions ("dispatch": hand each batch that can start — a sealed one, or the open one if
 /// it is due and none is sealed — to an idle worker, else have the parked supervisor start a
@@ -234,7 +237,7 @@ func retainOpaquely(_ pointer: UnsafeMutableRawPointer) -> UnsafeMutableRawPoint
 ///
 /// Finishing tells the idle workers to exit and the parked supervisor `.finished`.
 ///
-/// Sealing closes the buffer: claims made before it are in the batch (the handler's task
+/// Sealing closes the buffer: claims made before it are in the batch (the handler worker
 /// waits for their writes), claims after it fail and come here.
 @usableFromInline
 struct BatcherState<Item: Sendable, Output: Sendable, C: Clock> {
@@ -407,7 +410,7 @@ struct BatcherState<Item: Sendable, Output: Sendable, C: Clock> {
     }
 
     /// Withdraws a cancelled caller's item if its batch has not been collected. An open batch
-    /// left with no item is sealed at once (its handler's task makes no call), so that the
+    /// left with no item is sealed at once (its handler worker makes no call), so that the
     /// next item opens a fresh one.
     @inlinable
     mutating func withdraw(_ buffer: Buffer, generation: Int, slot: Int) -> Wake {
@@ -445,7 +448,7 @@ struct BatcherState<Item: Sendable, Output: Sendable, C: Clock> {
         sealed.append(SealedBatch(buffer: buffer, count: count, outcome: buffer.outcome.unsafelyUnwrapped))
     }
 
-    /// The handler's task has taken the `count` items of a batch out of its buffer: no
+    /// The handler worker has taken the `count` items of a batch out of its buffer: no
     /// withdrawal from now on. Returns the withdrawn slots; the buffer becomes spare.
     @inlinable
     mutating func collected(_ buffer: Buffer, count: Int) -> [Int] {
