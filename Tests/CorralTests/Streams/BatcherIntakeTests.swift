@@ -153,9 +153,32 @@ final class IntakeMachine<Item: Sendable>: @unchecked Sendable {
 /// Outcome of one caller in the stress tests.
 enum CallerEnd: Sendable {
     case value(Int)
-    case refused
+    /// Its batch's handler threw `TestError`.
+    case batchError
     case cancelled
+    case refused
     case unexpected(String)
+}
+
+/// Adds `item` (through `enqueue` and its ticket, or through `submit`) to a batcher whose
+/// handler doubles its items, and says how the caller ended; a refusal (`.shutdown`) counts
+/// as `.refused` only if `refusalExpected()` when it comes.
+func callerEnd(
+    of item: Int, viaTicket: Bool, in batcher: Batcher<Int, Int, some Clock>,
+    refusalExpected: () -> Bool = { true }
+) async -> CallerEnd {
+    do {
+        let value = viaTicket ? try await batcher.enqueue(item).value : try await batcher.submit(item)
+        return value == item * 2 ? .value(value) : .unexpected("got \(value)")
+    } catch let error as BatcherError where error.code == .shutdown {
+        return refusalExpected() ? .refused : .unexpected("refused before the end")
+    } catch is CancellationError {
+        return .cancelled
+    } catch is TestError {
+        return .batchError
+    } catch {
+        return .unexpected("\(error)")
+    }
 }
 
 @Suite("Batcher intake")
@@ -486,22 +509,7 @@ struct BatcherIntakeTests {
                         let yields = Int((seed >> 8) % 3)
                         let task = Task { () -> CallerEnd in
                             for _ in 0..<yields { await Task.yield() }
-                            do {
-                                let value: Int
-                                if viaTicket {
-                                    let ticket = try batcher.enqueue(item)
-                                    value = try await ticket.value
-                                } else {
-                                    value = try await batcher.submit(item)
-                                }
-                                return value == item * 2 ? .value(value) : .unexpected("got \(value)")
-                            } catch let error as BatcherError where error.code == .shutdown {
-                                return .refused
-                            } catch is CancellationError {
-                                return .cancelled
-                            } catch {
-                                return .unexpected("\(error)")
-                            }
+                            return await callerEnd(of: item, viaTicket: viaTicket, in: batcher)
                         }
                         let cancelled = Int(seed >> 16) % cancelEvery == 0
                         if cancelled && (seed >> 24) % 2 == 0 { task.cancel() }  // at once
@@ -549,6 +557,8 @@ struct BatcherIntakeTests {
                 case .cancelled:
                     cancelledEnds += 1
                     #expect(cancelled, "\(context): caller \(item) got cancellation without being cancelled")
+                case .batchError:
+                    Issue.record("\(context): caller \(item): its batch failed, and no handler here throws")
                 case .unexpected(let what):
                     Issue.record("\(context): caller \(item): \(what)")
                 }

@@ -125,15 +125,6 @@ final class BatcherBox<C: Clock>: Sendable where C.Duration == Duration {
 
 private let workerOwner = TaskLedger.Owner(kind: "Batcher", name: "workers")
 
-/// How a caller of the stress test ended.
-enum WorkerCallerEnd: Sendable {
-    case value(Int)
-    case batchError
-    case cancelled
-    case refused
-    case unexpected(String)
-}
-
 @Suite("Batcher workers")
 struct BatcherWorkerTests {
     // MARK: - Idle workers
@@ -177,9 +168,7 @@ struct BatcherWorkerTests {
             return true
         }
         await monitor.stop(watcher, "withdrawal with idle workers")
-        #expect(done == true)
-        #expect(batcher.leftAfterRun == nil, "\(batcher.leftAfterRun ?? "")")
-        #expect(ledger.liveTaskCount == 0, "left behind: \(ledger.liveTasks)")
+        expectRanToTheEnd(done, batcher, ledger)
         let stats = batcher.stats
         #expect(stats.submitted == 8 && stats.withdrawn == 1 && stats.handled == 7 && stats.batches == 4, "\(stats)")
     }
@@ -206,9 +195,7 @@ struct BatcherWorkerTests {
             return true
         }
         await monitor.stop(watcher, "maxDelay zero")
-        #expect(done == true)
-        #expect(batcher.leftAfterRun == nil, "\(batcher.leftAfterRun ?? "")")
-        #expect(ledger.liveTaskCount == 0, "left behind: \(ledger.liveTasks)")
+        expectRanToTheEnd(done, batcher, ledger)
         #expect(batcher.stats.handled == 300 && batcher.stats.peakConcurrentBatches <= 4)
 
         let gate = try await closedGate()
@@ -320,9 +307,7 @@ struct BatcherWorkerTests {
             for (item, ticket) in tickets.enumerated() { #expect(try await ticket.value == item * 2) }
             return true
         }
-        #expect(done == true)
-        #expect(batcher.leftAfterRun == nil, "\(batcher.leftAfterRun ?? "")")
-        #expect(ledger.liveTaskCount == 0, "left behind: \(ledger.liveTasks)")
+        expectRanToTheEnd(done, batcher, ledger)
         let stats = batcher.stats
         #expect(stats.batches == 151 && stats.handled == 301 && stats.flushedByShutdown == 1, "\(stats)")
         #expect(stats.peakConcurrentBatches <= maxConcurrent && calls.peak <= maxConcurrent, "\(stats), calls \(calls.peak)")
@@ -364,9 +349,7 @@ struct BatcherWorkerTests {
             return true
         }
         await monitor.stop(watcher, "shutdown from a handler")
-        #expect(done == true)
-        #expect(batcher.leftAfterRun == nil, "\(batcher.leftAfterRun ?? "")")
-        #expect(ledger.liveTaskCount == 0, "left behind: \(ledger.liveTasks)")
+        expectRanToTheEnd(done, batcher, ledger)
         #expect(batcher.stats.handled == 31 && batcher.stats.batches == 11, "\(batcher.stats)")
     }
 
@@ -399,9 +382,7 @@ struct BatcherWorkerTests {
             }
             return true
         }
-        #expect(done == true)
-        #expect(batcher.leftAfterRun == nil, "\(batcher.leftAfterRun ?? "")")
-        #expect(ledger.liveTaskCount == 0, "left behind: \(ledger.liveTasks)")
+        expectRanToTheEnd(done, batcher, ledger)
         let stats = batcher.stats
         #expect(stats.submitted == 10 && stats.handled + stats.failed == 10 && stats.peakConcurrentBatches == 3, "\(stats)")
     }
@@ -427,9 +408,7 @@ struct BatcherWorkerTests {
             await #expect(throws: CancellationError.self) { try await run.value }
             return true
         }
-        #expect(done == true)
-        #expect(batcher.leftAfterRun == nil, "\(batcher.leftAfterRun ?? "")")
-        #expect(ledger.liveTaskCount == 0, "left behind: \(ledger.liveTasks)")
+        expectRanToTheEnd(done, batcher, ledger)
     }
 
     /// run() in a task cancelled before (or as) it starts, with 200 full batches buffered and
@@ -460,9 +439,7 @@ struct BatcherWorkerTests {
                 for (item, ticket) in tickets.enumerated() { #expect(try await ticket.value == item * 2) }
                 return true
             }
-            #expect(done == true)
-            #expect(batcher.leftAfterRun == nil, "round \(round): \(batcher.leftAfterRun ?? "")")
-            #expect(ledger.liveTaskCount == 0, "round \(round): left behind: \(ledger.liveTasks)")
+            expectRanToTheEnd(done, batcher, ledger, "round \(round)")
             #expect(batcher.stats.handled == 200 && calls.peak <= 64 && batcher.stats.peakConcurrentBatches <= 64)
         }
     }
@@ -484,9 +461,7 @@ struct BatcherWorkerTests {
             #expect(try await ticket.value == 10)
             return true
         }
-        #expect(done == true)
-        #expect(batcher.leftAfterRun == nil, "\(batcher.leftAfterRun ?? "")")
-        #expect(ledger.liveTaskCount == 0, "left behind: \(ledger.liveTasks)")
+        expectRanToTheEnd(done, batcher, ledger)
         #expect(clock.sleeperCount == 0)
     }
 
@@ -529,9 +504,7 @@ struct BatcherWorkerTests {
                 return true
             }
             await monitor.stop(watcher, "\(slots) slots: a handler submitting")
-            #expect(done == true)
-            #expect(batcher.leftAfterRun == nil, "\(batcher.leftAfterRun ?? "")")
-            #expect(ledger.liveTaskCount == 0, "left behind: \(ledger.liveTasks)")
+            expectRanToTheEnd(done, batcher, ledger)
             #expect(batcher.stats.handled == 100 * callers && batcher.stats.peakConcurrentBatches <= slots, "\(batcher.stats)")
         }
     }
@@ -594,9 +567,7 @@ struct BatcherWorkerTests {
             return true
         }
         await monitor.stop(watcher, "64 slots")
-        #expect(done == true)
-        #expect(batcher.leftAfterRun == nil, "\(batcher.leftAfterRun ?? "")")
-        #expect(ledger.liveTaskCount == 0, "left behind: \(ledger.liveTasks)")
+        expectRanToTheEnd(done, batcher, ledger)
         #expect(recorder.running.peak == 64 && batcher.stats.peakConcurrentBatches == 64 && batcher.stats.batches == 200)
     }
 
@@ -665,7 +636,7 @@ struct BatcherWorkerTests {
                 for _ in 0..<gateYields { await Task.yield() }
                 gate.release()
             }
-            let outcome = try await finishes(within: .seconds(60), context) { () async throws -> [(Int, Bool, WorkerCallerEnd)] in
+            let outcome = try await finishes(within: .seconds(60), context) { () async throws -> [(Int, Bool, CallerEnd)] in
                 var run: Task<Void, any Error>?
                 func startRun() {
                     run = Task { try await TaskLedger.$current.withValue(ledger) { try await batcher.run() } }
@@ -680,9 +651,9 @@ struct BatcherWorkerTests {
                         ender = Task { batcher.shutdown() }
                     }
                 }
-                var tasks: [(item: Int, cancelled: Bool, task: Task<WorkerCallerEnd, Never>)] = []
-                var cancelLater: [(at: Int, task: Task<WorkerCallerEnd, Never>)] = []
-                var cancelAtTheEnd: [Task<WorkerCallerEnd, Never>] = []
+                var tasks: [(item: Int, cancelled: Bool, task: Task<CallerEnd, Never>)] = []
+                var cancelLater: [(at: Int, task: Task<CallerEnd, Never>)] = []
+                var cancelAtTheEnd: [Task<CallerEnd, Never>] = []
                 for item in 0..<callers {
                     if item == runAt && run == nil { startRun() }
                     if item == endAt { end() }
@@ -701,20 +672,9 @@ struct BatcherWorkerTests {
                     }
                     let viaTicket = seed % 3 == 0
                     let yields = Int((seed >> 8) % 3)
-                    let task = Task { () -> WorkerCallerEnd in
+                    let task = Task { () -> CallerEnd in
                         for _ in 0..<yields { await Task.yield() }
-                        do {
-                            let value = viaTicket ? try await batcher.enqueue(item).value : try await batcher.submit(item)
-                            return value == item * 2 ? .value(value) : .unexpected("got \(value)")
-                        } catch let error as BatcherError where error.code == .shutdown {
-                            return ended.isSet ? .refused : .unexpected("refused before the end")
-                        } catch is CancellationError {
-                            return .cancelled
-                        } catch is TestError {
-                            return .batchError
-                        } catch {
-                            return .unexpected("\(error)")
-                        }
+                        return await callerEnd(of: item, viaTicket: viaTicket, in: batcher) { ended.isSet }
                     }
                     // Some callers are cancelled: at once (before they submit, mostly), a few
                     // callers later (while their batch may be open, sealed, in the handler or
@@ -743,7 +703,7 @@ struct BatcherWorkerTests {
                 if !ended.isSet { end() }
                 await canceller.value
                 await ender?.value
-                var ends: [(Int, Bool, WorkerCallerEnd)] = []
+                var ends: [(Int, Bool, CallerEnd)] = []
                 for entry in tasks { ends.append((entry.item, entry.cancelled, await entry.task.value)) }
                 do {
                     try await run!.value
@@ -793,6 +753,17 @@ struct BatcherWorkerTests {
             #expect(stats.submitted <= callers, "\(context): \(stats)")
         }
     }
+}
+
+/// A run that `finishes(within:)` watched: it ended in time (`done`), left nothing in the
+/// batcher's state, and no task of the test's ledger.
+private func expectRanToTheEnd<C: Clock>(
+    _ done: Bool?, _ batcher: Batcher<Int, Int, C>, _ ledger: TaskLedger, _ context: String = "",
+    sourceLocation: SourceLocation = #_sourceLocation
+) {
+    #expect(done == true, "\(context)", sourceLocation: sourceLocation)
+    #expect(batcher.leftAfterRun == nil, "\(context): \(batcher.leftAfterRun ?? "")", sourceLocation: sourceLocation)
+    #expect(ledger.liveTaskCount == 0, "\(context): left behind: \(ledger.liveTasks)", sourceLocation: sourceLocation)
 }
 
 /// The leak check of `expectNoLeakedTasks`, on a ledger the test bound itself.
